@@ -1,0 +1,292 @@
+"""GPT-2 in Flax Linen: the Hugging Face architecture and parameter names, with logical axis names."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+VOCAB_SIZE = 50257
+
+# Logical axis names. Parameters and activations get distinct names so that, say, parameters
+# can be sharded over 'fsdp' along 'embed' while activations keep the embedding whole.
+# sharding.py maps them to mesh axes; the model never names a mesh axis.
+BATCH, LENGTH = "batch", "length"
+ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_VOCAB = "act_embed", "act_heads", "act_mlp", "act_vocab"
+EMBED, HEADS, HEAD_DIM, QKV, MLP_DIM, VOCAB = "embed", "heads", "head_dim", "qkv", "mlp", "vocab"
+POSITIONS = "positions"
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Architecture of a GPT-2 model and how it computes (not how it trains)."""
+
+    vocab_size: int = VOCAB_SIZE
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    dropout: float = 0.0  # embedding, attention-probability and residual dropout (HF's *_pdrop)
+    dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
+    attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
+    remat: Literal["none", "full", "dots_saveable"] = "none"
+    vocab_pad_multiple: int = 1  # 128 pads 50257 -> 50304 for faster matmuls
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', not {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, not {self.remat!r}")
+        if self.attention not in ("xla", "cudnn"):
+            raise ValueError(f"attention must be 'xla' or 'cudnn', not {self.attention!r}")
+        if self.vocab_pad_multiple < 1:
+            raise ValueError("vocab_pad_multiple must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPT2Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def replace(self, **overrides) -> "GPT2Config":
+        return dataclasses.replace(self, **overrides)
+
+
+PRESETS = {
+    "gpt2": GPT2Config(n_embd=768, n_layer=12, n_head=12),
+    "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
+    "tiny": GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4),
+}
+
+
+def _normal(std: float, names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+def _constant(value: float, names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.constant(value), names)
+
+
+class Conv1D(nn.Module):
+    """HF's Conv1D (a Dense whose kernel is [in, out]). `out_shape` splits the output features
+    (e.g. (3, heads, head_dim) for the fused qkv) so each piece gets its own logical axis."""
+
+    features: int
+    kernel_axes: tuple  # logical names of the stored [in, out] kernel
+    out_shape: tuple = ()  # optional view of the `features` dimension
+    out_axes: tuple = ()  # logical names of that view, used as a sharding constraint
+    std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # (..., in) -> (..., features) or (..., *out_shape)
+        kernel = self.param("kernel", _normal(self.std, self.kernel_axes), (x.shape[-1], self.features))
+        bias = self.param("bias", _constant(0.0, self.kernel_axes[1:]), (self.features,))
+        kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+        if self.out_shape:
+            kernel = kernel.reshape(kernel.shape[0], *self.out_shape)
+            kernel = nn.with_logical_constraint(kernel, (self.kernel_axes[0], *self.out_axes))
+            bias = bias.reshape(self.out_shape)
+        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=1)
+        return y + bias
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 (as HF does), returned in the compute dtype; `scale` and
+    `bias` sit directly under its name, like HF's `ln_1.weight` / `ln_1.bias`."""
+
+    epsilon: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", _constant(1.0, (EMBED,)), (d,))
+        bias = self.param("bias", _constant(0.0, (EMBED,)), (d,))
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype)
+
+
+def _layer_norm(config: GPT2Config, name: str) -> LayerNorm:
+    return LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, name=name)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with a fused qkv projection."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):  # (B, T, D) -> (B, T, D)
+        cfg = self.config
+        H, Dh = cfg.n_head, cfg.head_dim
+        qkv = Conv1D(
+            3 * cfg.n_embd, (EMBED, QKV), (3, H, Dh), (None, HEADS, HEAD_DIM),
+            dtype=cfg.compute_dtype, name="c_attn",
+        )(x)  # (B, T, 3, H, Dh)
+        qkv = nn.with_logical_constraint(qkv, (BATCH, LENGTH, None, ACT_HEADS, None))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, Dh)
+        if cfg.dropout > 0 and not deterministic:
+            y = self._attention_with_dropout(q, k, v)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
+        y = nn.with_logical_constraint(y, (BATCH, LENGTH, ACT_HEADS, None))
+        y = y.reshape(*y.shape[:2], cfg.n_embd)  # (B, T, D)
+        y = Conv1D(cfg.n_embd, (HEADS, EMBED), std=_residual_std(cfg), dtype=cfg.compute_dtype, name="c_proj")(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+    def _attention_with_dropout(self, q, k, v):
+        # jax.nn.dot_product_attention has no dropout; HF drops attention probabilities.
+        T = q.shape[1]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+        causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        probs = nn.Dropout(self.config.dropout)(probs, deterministic=False)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class MLP(nn.Module):
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):  # (B, T, D) -> (B, T, D)
+        cfg = self.config
+        h = Conv1D(4 * cfg.n_embd, (EMBED, MLP_DIM), dtype=cfg.compute_dtype, name="c_fc")(x)  # (B, T, 4D)
+        h = nn.with_logical_constraint(h, (BATCH, LENGTH, ACT_MLP))
+        h = jax.nn.gelu(h, approximate=True)
+        h = Conv1D(cfg.n_embd, (MLP_DIM, EMBED), std=_residual_std(cfg), dtype=cfg.compute_dtype, name="c_proj")(h)
+        return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+
+
+def _residual_std(cfg: GPT2Config) -> float:
+    # GPT-2 scales the init of projections that write into the residual stream by 1/sqrt(2L).
+    return 0.02 / math.sqrt(2 * cfg.n_layer)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; the residual stream stays float32."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):  # (B, T, D) float32
+        cfg = self.config
+        x = x + Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), deterministic).astype(jnp.float32)
+        x = x + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), deterministic).astype(jnp.float32)
+        return nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model: int32 tokens (B, T) -> float32 logits (B, T, padded_vocab_size)."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, tokens, deterministic: bool = True):
+        cfg = self.config
+        B, T = tokens.shape
+        wte = self.param("wte", _padded_normal(cfg), (cfg.padded_vocab_size, cfg.n_embd))
+        wpe = self.param("wpe", _normal(0.02, (POSITIONS, EMBED)), (cfg.n_positions, cfg.n_embd))
+        x = wte[tokens] + wpe[:T][None]  # (B, T, D) float32
+        x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICIES[cfg.remat])
+        for i in range(cfg.n_layer):
+            x = block(cfg, name=f"h_{i}")(x, deterministic)
+        x = _layer_norm(cfg, "ln_f")(x)
+        logits = jnp.einsum(
+            "btd,vd->btv", x, wte.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
+        )  # (B, T, V) float32: the LM head is tied to wte
+        logits = nn.with_logical_constraint(logits, (BATCH, LENGTH, ACT_VOCAB))
+        return _mask_vocab_padding(logits, cfg)
+
+
+def _padded_normal(cfg: GPT2Config):
+    """wte init: normal(0.02) for real tokens, zeros for padding rows."""
+
+    def init(key, shape, dtype=jnp.float32):
+        w = 0.02 * jax.random.normal(key, shape, dtype)
+        return w.at[cfg.vocab_size :].set(0.0)
+
+    return nn.with_logical_partitioning(init, (VOCAB, EMBED))
+
+
+def _mask_vocab_padding(logits, cfg: GPT2Config):
+    if cfg.padded_vocab_size == cfg.vocab_size:
+        return logits
+    is_pad = jnp.arange(cfg.padded_vocab_size) >= cfg.vocab_size
+    return jnp.where(is_pad, jnp.finfo(jnp.float32).min, logits)
+
+
+def cross_entropy(logits, targets, weights=None):
+    """Mean next-token loss in float32. logits (B, T, V), targets int (B, T), weights (B, T)."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = logz - target_logit
+    if weights is None:
+        return nll.mean()
+    weights = weights.astype(jnp.float32)
+    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def loss_fn(model: GPT2, params, inputs, targets, weights=None, *, deterministic=True, rngs=None):
+    """Mean next-token cross-entropy of `model` with `params` on one batch."""
+    logits = model.apply({"params": params}, inputs, deterministic=deterministic, rngs=rngs)
+    return cross_entropy(logits, targets, weights)
+
+
+def abstract_params(config: GPT2Config, boxed: bool = False):
+    """Parameter shapes/dtypes via jax.eval_shape (nothing allocated); logical boxes if `boxed`."""
+    variables = jax.eval_shape(lambda: GPT2(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    params = variables["params"]
+    return params if boxed else nn.unbox(params)
+
+
+def init_params(config: GPT2Config, rng) -> dict:
+    """Freshly initialised float32 parameters (unboxed)."""
+    variables = GPT2(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.unbox(variables["params"])
+
+
+def count_params(params) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
+def logical_axes(config: GPT2Config):
+    """Pytree of logical axis-name tuples matching the parameter pytree."""
+    return nn.get_partition_spec(abstract_params(config, boxed=True))
