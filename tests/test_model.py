@@ -1,0 +1,197 @@
+"""The Flax GPT-2 against transformers' GPT2LMHeadModel, and its own invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from gpt2_jax.hf import load_hf
+from gpt2_jax.model import (
+    GPT2,
+    GPT2Config,
+    abstract_params,
+    count_params,
+    cross_entropy,
+    init_params,
+    logical_axes,
+    loss_fn,
+)
+from hf_reference import hf_logits, hf_model, save_folder
+
+PARITY_CASES = [
+    dict(n_embd=64, n_layer=2, n_head=4, n_positions=64),
+    dict(n_embd=60, n_layer=3, n_head=5, n_positions=32),  # odd head count
+    dict(n_embd=48, n_layer=1, n_head=3, n_positions=16),  # odd heads, short context
+    dict(n_embd=32, n_layer=2, n_head=1, n_positions=24, vocab_size=1000),
+]
+
+
+def _random_tokens(shape, vocab=50257, seed=0):
+    return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)
+
+
+@pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: f"D{c['n_embd']}-H{c['n_head']}-P{c['n_positions']}")
+def test_logits_match_transformers_float32(case, tmp_path):
+    model = hf_model(**case)
+    config, params = load_hf(save_folder(model, tmp_path))
+    tokens = _random_tokens((3, case["n_positions"]), case.get("vocab_size", 50257))
+    ref = hf_logits(model, tokens)
+    ours = np.asarray(GPT2(config).apply({"params": params}, jnp.asarray(tokens)))
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    assert np.abs(ref).max() > 1.0  # the weights make logits large enough to show a mismatch
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_bfloat16_compute_close_to_float32_reference(tmp_path):
+    model = hf_model()
+    config, params = load_hf(save_folder(model, tmp_path), dtype="bfloat16")
+    tokens = _random_tokens((2, 64))
+    ref = hf_logits(model, tokens)
+    ours = np.asarray(GPT2(config).apply({"params": params}, jnp.asarray(tokens)))
+    assert ours.dtype == np.float32  # logits stay float32 whatever the compute dtype
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    print(f"bfloat16 compute: max |logits - transformers float32| / max |logits| = {rel:.2e}")
+    assert 0 < rel < 3e-2  # bfloat16 has 8 mantissa bits; the error is real but small
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+def _tiny(**kw):
+    return GPT2Config.from_preset("tiny", **kw)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    config = _tiny()
+    params = init_params(config, jax.random.key(0))
+    tokens = _random_tokens((2, 32))
+    changed = tokens.copy()
+    changed[:, 20:] = _random_tokens((2, 12), seed=1)
+    a = GPT2(config).apply({"params": params}, tokens)
+    b = GPT2(config).apply({"params": params}, changed)
+    np.testing.assert_array_equal(np.asarray(a[:, :20]), np.asarray(b[:, :20]))
+    assert np.abs(np.asarray(a[:, 20:] - b[:, 20:])).max() > 1e-3
+
+
+def test_jit_and_eager_agree():
+    config = _tiny()
+    params = init_params(config, jax.random.key(1))
+    tokens = jnp.asarray(_random_tokens((2, 16)))
+    apply = lambda p, t: GPT2(config).apply({"params": p}, t)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(apply(params, tokens)), np.asarray(jax.jit(apply)(params, tokens)), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)],
+)
+def test_parameter_counts_of_presets(preset, expected):
+    assert count_params(abstract_params(GPT2Config.from_preset(preset))) == expected
+
+
+def test_initialisation_follows_gpt2():
+    config = _tiny(n_layer=8, n_embd=128)
+    p = init_params(config, jax.random.key(0))
+    resid_std = 0.02 / np.sqrt(2 * config.n_layer)
+    for i in range(config.n_layer):
+        blk = p[f"h_{i}"]
+        np.testing.assert_allclose(np.std(blk["attn"]["c_proj"]["kernel"]), resid_std, rtol=0.1)
+        np.testing.assert_allclose(np.std(blk["mlp"]["c_proj"]["kernel"]), resid_std, rtol=0.1)
+        np.testing.assert_allclose(np.std(blk["attn"]["c_attn"]["kernel"]), 0.02, rtol=0.1)
+        np.testing.assert_allclose(np.std(blk["mlp"]["c_fc"]["kernel"]), 0.02, rtol=0.1)
+        assert not np.any(blk["attn"]["c_attn"]["bias"]) and not np.any(blk["mlp"]["c_fc"]["bias"])
+        np.testing.assert_array_equal(blk["ln_1"]["scale"], 1.0)
+        np.testing.assert_array_equal(blk["ln_1"]["bias"], 0.0)
+    np.testing.assert_allclose(np.std(p["wte"]), 0.02, rtol=0.05)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(p))
+
+
+def test_vocab_padding_never_wins_and_keeps_real_logits():
+    plain = _tiny()
+    padded = _tiny(vocab_pad_multiple=128)
+    assert padded.padded_vocab_size == 50304
+    params = init_params(padded, jax.random.key(0))
+    assert not np.any(params["wte"][plain.vocab_size :])  # padding rows start at zero
+    tokens = jnp.asarray(_random_tokens((2, 16)))
+    logits = np.asarray(GPT2(padded).apply({"params": params}, tokens))
+    assert logits.shape[-1] == 50304
+    assert (logits.argmax(-1) < 50257).all()
+    unpadded = dict(params, wte=params["wte"][: plain.vocab_size])
+    ref = np.asarray(GPT2(plain).apply({"params": unpadded}, tokens))
+    np.testing.assert_allclose(logits[..., :50257], ref, atol=1e-6)
+    # the loss over a padded head equals the loss over the real vocabulary
+    targets = jnp.asarray(_random_tokens((2, 16), seed=3))
+    np.testing.assert_allclose(cross_entropy(logits, targets), cross_entropy(ref, targets), rtol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_changes_nothing_numerically(remat):
+    tokens = jnp.asarray(_random_tokens((2, 16)))
+    targets = jnp.asarray(_random_tokens((2, 16), seed=2))
+    params = init_params(_tiny(), jax.random.key(0))
+
+    def grads(config):
+        return jax.jit(jax.grad(lambda p: loss_fn(GPT2(config), p, tokens, targets)))(params)
+
+    ga, gb = grads(_tiny()), grads(_tiny(remat=remat))
+    for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_dropout_is_off_by_default_and_random_when_training():
+    tokens = jnp.asarray(_random_tokens((2, 16)))
+    config = _tiny(dropout=0.1)
+    params = init_params(config, jax.random.key(0))
+    model = GPT2(config)
+    eval_a = model.apply({"params": params}, tokens)
+    eval_b = model.apply({"params": params}, tokens, deterministic=True)
+    np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
+    train_1 = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    train_1b = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    train_2 = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(np.asarray(train_1), np.asarray(train_1b))
+    assert np.abs(np.asarray(train_1 - train_2)).max() > 1e-4
+    assert np.abs(np.asarray(train_1 - eval_a)).max() > 1e-4
+
+
+def test_cross_entropy_matches_torch():
+    rng = np.random.RandomState(0)
+    logits = rng.randn(2, 5, 11).astype(np.float32) * 3
+    targets = rng.randint(0, 11, (2, 5))
+    weights = rng.randint(0, 2, (2, 5)).astype(np.float32)
+    ref = torch.nn.functional.cross_entropy(torch.tensor(logits).reshape(-1, 11), torch.tensor(targets).reshape(-1))
+    np.testing.assert_allclose(cross_entropy(jnp.asarray(logits), jnp.asarray(targets)), ref.item(), rtol=1e-6)
+    per_token = torch.nn.functional.cross_entropy(
+        torch.tensor(logits).reshape(-1, 11), torch.tensor(targets).reshape(-1), reduction="none"
+    ).numpy()
+    expected = (per_token * weights.reshape(-1)).sum() / weights.sum()
+    got = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_every_parameter_has_logical_axis_names_of_its_rank():
+    config = _tiny()
+    shapes = abstract_params(config)
+    axes = logical_axes(config)
+    flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
+    flat_axes = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    assert len(flat_axes) == len(flat_shapes)
+    for path, shape in flat_shapes:
+        assert len(flat_axes[path]) == len(shape.shape), path
+    assert tuple(axes["wte"]) == ("vocab", "embed")
+    assert tuple(axes["h_0"]["mlp"]["c_fc"]["kernel"]) == ("embed", "mlp")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(n_embd=65, n_head=4), "divisible"),
+    (dict(dtype="float16"), "dtype"),
+    (dict(remat="sometimes"), "remat"),
+    (dict(attention="flash"), "attention"),
+])
+def test_invalid_configs_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        _tiny(**bad)
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="unknown GPT-2 preset"):
+        GPT2Config.from_preset("gpt3")
