@@ -143,12 +143,13 @@ def _layer_norm(config: GPT2Config, name: str) -> LayerNorm:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with a fused qkv projection."""
+    """Causal multi-head self-attention with a fused qkv projection. With `decode`, keys and
+    values go into a fixed-size cache (the 'cache' collection) so generation compiles once."""
 
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):  # (B, T, D) -> (B, T, D)
+    def __call__(self, x, deterministic: bool, decode: bool = False):  # (B, T, D) -> (B, T, D)
         cfg = self.config
         H, Dh = cfg.n_head, cfg.head_dim
         qkv = Conv1D(
@@ -157,7 +158,9 @@ class Attention(nn.Module):
         )(x)  # (B, T, 3, H, Dh)
         qkv = nn.with_logical_constraint(qkv, (BATCH, LENGTH, None, ACT_HEADS, None))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, Dh)
-        if cfg.dropout > 0 and not deterministic:
+        if decode:
+            y = self._cached_attention(q, k, v)
+        elif cfg.dropout > 0 and not deterministic:
             y = self._attention_with_dropout(q, k, v)
         else:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
@@ -175,6 +178,21 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         probs = nn.Dropout(self.config.dropout)(probs, deterministic=False)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+    def _cached_attention(self, q, k, v):
+        # The cache's length is fixed when it is created (see `init_cache`); T new tokens are
+        # written at `index` and attend to every cached position up to their own.
+        B, T, H, Dh = q.shape
+        cached_k = self.variable("cache", "key", jnp.zeros, (B, T, H, Dh), k.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, (B, T, H, Dh), v.dtype)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        i = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+        index.value = i + T
+        L = cached_k.value.shape[1]
+        mask = jnp.arange(L)[None, :] <= (i + jnp.arange(T))[:, None]  # (T, L)
+        return jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask[None, None])
 
 
 class MLP(nn.Module):
@@ -201,32 +219,37 @@ class Block(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):  # (B, T, D) float32
+    def __call__(self, x, deterministic: bool, decode: bool = False):  # (B, T, D) float32
         cfg = self.config
-        x = x + Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), deterministic).astype(jnp.float32)
+        x = x + Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), deterministic, decode).astype(jnp.float32)
         x = x + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), deterministic).astype(jnp.float32)
         return nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
 
 
 class GPT2(nn.Module):
-    """GPT-2 language model: int32 tokens (B, T) -> float32 logits (B, T, padded_vocab_size)."""
+    """GPT-2 language model: int32 tokens (B, T) -> float32 logits (B, T, padded_vocab_size).
+    `decode=True` continues from the KV cache in the mutable 'cache' collection (see init_cache)."""
 
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, tokens, deterministic: bool = True):
+    def __call__(self, tokens, deterministic: bool = True, decode: bool = False):
         cfg = self.config
         B, T = tokens.shape
         wte = self.param("wte", _padded_normal(cfg), (cfg.padded_vocab_size, cfg.n_embd))
         wpe = self.param("wpe", _normal(0.02, (POSITIONS, EMBED)), (cfg.n_positions, cfg.n_embd))
-        x = wte[tokens] + wpe[:T][None]  # (B, T, D) float32
+        start = 0
+        if decode:
+            position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            start, position.value = position.value, position.value + T
+        x = wte[tokens] + jax.lax.dynamic_slice_in_dim(wpe, start, T)[None]  # (B, T, D) float32
         x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICIES[cfg.remat])
+        if cfg.remat != "none" and not decode:
+            block = nn.remat(Block, static_argnums=(2, 3), policy=REMAT_POLICIES[cfg.remat])
         for i in range(cfg.n_layer):
-            x = block(cfg, name=f"h_{i}")(x, deterministic)
+            x = block(cfg, name=f"h_{i}")(x, deterministic, decode)
         x = _layer_norm(cfg, "ln_f")(x)
         logits = jnp.einsum(
             "btd,vd->btv", x, wte.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
@@ -281,6 +304,15 @@ def init_params(config: GPT2Config, rng) -> dict:
     """Freshly initialised float32 parameters (unboxed)."""
     variables = GPT2(config).init(rng, jnp.zeros((1, 1), jnp.int32))
     return nn.unbox(variables["params"])
+
+
+def init_cache(config: GPT2Config, batch_size: int, max_length: int | None = None) -> dict:
+    """An empty KV cache for `batch_size` sequences of up to `max_length` (default n_positions)
+    tokens, in the compute dtype."""
+    length = max_length or config.n_positions
+    tokens = jnp.zeros((batch_size, length), jnp.int32)
+    shapes = jax.eval_shape(lambda: GPT2(config).init(jax.random.key(0), tokens, decode=True))["cache"]
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def count_params(params) -> int:

@@ -13,6 +13,7 @@ from gpt2_jax.model import (
     abstract_params,
     count_params,
     cross_entropy,
+    init_cache,
     init_params,
     logical_axes,
     loss_fn,
@@ -195,3 +196,23 @@ def test_invalid_configs_are_refused(bad, message):
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="unknown GPT-2 preset"):
         GPT2Config.from_preset("gpt3")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kv_cache_decoding_matches_the_full_forward(dtype):
+    config = _tiny(dtype=dtype)
+    params = init_params(config, jax.random.key(0))
+    tokens = jnp.asarray(_random_tokens((3, 20)))
+    full = np.asarray(GPT2(config).apply({"params": params}, tokens))
+
+    @jax.jit
+    def step(cache, t):
+        return GPT2(config).apply({"params": params, "cache": cache}, t, decode=True, mutable=["cache"])
+
+    logits, state = step(init_cache(config, 3, max_length=32), tokens[:, :12])  # prefill
+    pieces = [np.asarray(logits)]
+    for i in range(12, 20):  # one token at a time through the cache
+        logits, state = step(state["cache"], tokens[:, i : i + 1])
+        pieces.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5 if dtype == "float32" else 2e-2)
+    assert int(state["cache"]["h_0"]["attn"]["index"]) == 20
