@@ -1,0 +1,110 @@
+"""Autoregressive sampling from GPT-2 params with a fixed-size KV cache (greedy, temperature, top-k, top-p)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2_jax.model import GPT2, GPT2Config, init_cache
+from gpt2_jax.tokenizer import EOT_ID
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token. temperature 0 is greedy; top_k 0 and top_p 1 turn those off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_next(logits, rng, sampling: SamplingConfig):
+    """One token per row from float32 logits (B, V)."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if sampling.top_p < 1:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop_sorted = (jnp.cumsum(probs, axis=-1) - probs) >= sampling.top_p
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        logits = jnp.where(drop, neg, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+class Sampler:
+    """Compiles a prefill and a one-token decode step for a model; the cache holds
+    `config.n_positions` tokens, so the decode step compiles once whatever the prompt."""
+
+    def __init__(self, config: GPT2Config, params, sampling: SamplingConfig = SamplingConfig()):
+        self.config, self.params, self.sampling = config, params, sampling
+        self._model = GPT2(config)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _prefill(self, params, cache, prompt, rng):
+        logits, state = self._model.apply({"params": params, "cache": cache}, prompt, decode=True, mutable=["cache"])
+        return sample_next(logits[:, -1], rng, self.sampling), state["cache"]
+
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+    def _decode(self, params, cache, token, rng):
+        logits, state = self._model.apply(
+            {"params": params, "cache": cache}, token[:, None], decode=True, mutable=["cache"]
+        )
+        return sample_next(logits[:, -1], rng, self.sampling), state["cache"]
+
+    def check_length(self, prompt_length: int, max_new_tokens: int) -> None:
+        limit = self.config.n_positions
+        if max_new_tokens < 1 or max_new_tokens >= limit:
+            raise ValueError(f"max_new_tokens must be between 1 and {limit - 1} (the context is {limit} tokens)")
+        if prompt_length < 1 or prompt_length + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                f"{limit}-token context"
+            )
+
+    def stream(self, prompt: np.ndarray, max_new_tokens: int, rng, stop_at_eot: bool = True) -> Iterator[np.ndarray]:
+        """Yield the next token of each row (B,) one step at a time; prompt is int (B, T0).
+        Stops early once every row has produced <|endoftext|> (if `stop_at_eot`)."""
+        prompt = np.asarray(prompt, np.int32)
+        self.check_length(prompt.shape[1], max_new_tokens)
+        cache = init_cache(self.config, prompt.shape[0])
+        keys = jax.random.split(rng, max_new_tokens)
+        token, cache = self._prefill(self.params, cache, jnp.asarray(prompt), keys[0])
+        done = np.zeros(prompt.shape[0], bool)
+        for i in range(max_new_tokens):
+            host = np.asarray(token)
+            yield host
+            done |= host == EOT_ID
+            if (stop_at_eot and done.all()) or i + 1 == max_new_tokens:
+                return
+            token, cache = self._decode(self.params, cache, token, keys[i + 1])
+
+    def generate(self, prompt: np.ndarray, max_new_tokens: int, rng, stop_at_eot: bool = True) -> list[list[int]]:
+        """New tokens for each row of `prompt` (B, T0), cut after the first <|endoftext|>
+        (which is kept) when `stop_at_eot`."""
+        steps = list(self.stream(prompt, max_new_tokens, rng, stop_at_eot))
+        rows = np.stack(steps, axis=1).tolist() if steps else [[] for _ in range(len(prompt))]
+        return [_cut_at_eot(r) if stop_at_eot else r for r in rows]
+
+
+def _cut_at_eot(tokens: list[int]) -> list[int]:
+    return tokens[: tokens.index(EOT_ID) + 1] if EOT_ID in tokens else tokens

@@ -1,0 +1,97 @@
+"""KV-cache sampling: greedy equals the uncached argmax loop; top-k / top-p restrict the support."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax.model import GPT2, GPT2Config, init_params
+from gpt2_jax.sampling import Sampler, SamplingConfig, sample_next
+from gpt2_jax.tokenizer import EOT_ID
+
+
+def _model(seed=0, scale=4.0):
+    config = GPT2Config.from_preset("tiny", n_positions=48)
+    params = init_params(config, jax.random.key(seed))
+    # larger weights than GPT-2's init, so greedy continuations vary instead of repeating one token
+    params = jax.tree_util.tree_map(lambda x: x * scale if x.ndim == 2 else x, params)
+    return config, params
+
+
+def _prompt(batch=2, length=5, seed=0):
+    return np.random.RandomState(seed).randint(0, 50257, (batch, length)).astype(np.int32)
+
+
+def test_greedy_matches_the_uncached_argmax_loop():
+    config, params = _model()
+    prompt = _prompt()
+    got = Sampler(config, params, SamplingConfig(temperature=0)).generate(prompt, 12, jax.random.key(0))
+    # uncached: rerun the whole sequence each step (fixed length, so it compiles once; the
+    # model is causal, so the zeros after position t do not change logits at t)
+    forward = jax.jit(lambda seq: GPT2(config).apply({"params": params}, seq))
+    seq = np.zeros((2, 17), np.int32)
+    seq[:, :5] = prompt
+    for t in range(5, 17):
+        seq[:, t] = np.asarray(forward(jnp.asarray(seq))[:, t - 1].argmax(-1))
+    assert got == seq[:, 5:].tolist()
+    assert len(set(got[0])) > 1
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    config, params = _model()
+    prompt = _prompt()
+    greedy = Sampler(config, params, SamplingConfig(temperature=0)).generate(prompt, 8, jax.random.key(0))
+    for sampling in (SamplingConfig(temperature=1.0, top_k=1), SamplingConfig(temperature=1.0, top_p=1e-6)):
+        assert Sampler(config, params, sampling).generate(prompt, 8, jax.random.key(3)) == greedy
+
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    config, params = _model()
+    sampler = Sampler(config, params, SamplingConfig(temperature=1.0))
+    a = sampler.generate(_prompt(), 10, jax.random.key(1))
+    assert a == sampler.generate(_prompt(), 10, jax.random.key(1))
+    assert a != sampler.generate(_prompt(), 10, jax.random.key(2))
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    keys = jax.random.key(0)
+    top2 = np.asarray(sample_next(logits, keys, SamplingConfig(top_k=2)))
+    assert set(top2.tolist()) == {0, 1}
+    top_p = np.asarray(sample_next(logits, keys, SamplingConfig(top_p=0.7)))  # 0.5 + 0.3 reach 0.7
+    assert set(top_p.tolist()) == {0, 1}
+    full = np.asarray(sample_next(logits, keys, SamplingConfig()))
+    assert set(full.tolist()) == {0, 1, 2, 3}
+    np.testing.assert_allclose(np.bincount(full, minlength=4) / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+
+
+def _eot_params(config, params):
+    """Make <|endoftext|> the argmax everywhere: ln_f outputs a constant vector e_0, and only
+    EOT's embedding points along it."""
+    params = jax.tree_util.tree_map(lambda x: x, params)
+    params["ln_f"] = {"scale": jnp.zeros(config.n_embd), "bias": jnp.zeros(config.n_embd).at[0].set(1.0)}
+    params["wte"] = params["wte"].at[:, 0].set(0.0).at[EOT_ID, 0].set(100.0)
+    return params
+
+
+def test_generation_stops_at_end_of_text_unless_asked_to_continue():
+    config, params = _model()
+    params = _eot_params(config, params)
+    sampler = Sampler(config, params, SamplingConfig(temperature=0))
+    assert sampler.generate(_prompt(), 10, jax.random.key(0)) == [[EOT_ID], [EOT_ID]]
+    assert sampler.generate(_prompt(), 4, jax.random.key(0), stop_at_eot=False) == [[EOT_ID] * 4] * 2
+
+
+def test_lengths_beyond_the_context_are_refused():
+    config, params = _model()
+    sampler = Sampler(config, params)
+    with pytest.raises(ValueError, match="between 1 and 47"):
+        sampler.generate(_prompt(length=2), 48, jax.random.key(0))
+    with pytest.raises(ValueError, match="exceed the 48-token context"):
+        sampler.generate(_prompt(length=40), 9, jax.random.key(0))
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingConfig(**bad)
