@@ -1,0 +1,106 @@
+"""Orbax checkpoints of {train state, data iterator position, config} under WORKDIR/checkpoints/<step>/."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was required; the message says what to do."""
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any
+    data_state: dict
+    config: dict
+
+
+def abstract_with_shardings(abstract_state, shardings):
+    """ShapeDtypeStructs that carry the *current* mesh's shardings, so a checkpoint written on
+    any device count restores straight onto this one."""
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+
+
+class Checkpoints:
+    """Saves every `save` asynchronously (training continues while it writes) and keeps the
+    newest `max_to_keep`. Orbax writes each step into a temporary folder and renames it when
+    complete, so a run killed mid-write never leaves a step that looks finished."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
+        """Start writing a checkpoint of `step`; returns False if Orbax chose to skip it."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config),
+        )
+        return self._manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state) -> Restored:
+        """Restore `step` onto the shardings carried by `abstract_state` (see
+        abstract_with_shardings)."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        )
+        out = self._manager.restore(step, args=args)
+        return Restored(step, out["state"], dict(out["data"]), dict(out["config"]))
+
+    def restore_latest(self, abstract_state) -> Restored | None:
+        """The newest checkpoint that restores; unreadable ones (truncated, corrupted) are skipped
+        with a warning naming them. None if there are no checkpoints at all; CheckpointError if
+        there are some but none is usable (never a silent fresh start)."""
+        steps = self.steps()
+        failures = []
+        for step in reversed(steps):
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as e:  # Orbax/tensorstore raise many kinds on damaged files
+                reason = _one_line(e)
+                failures.append(f"{step} ({reason})")
+                log.warning("checkpoint %s is unusable, skipping it: %s", self.path(step), reason)
+        if failures:
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory}: {'; '.join(failures)}. Move the folder "
+                "away to start afresh, or fix the files"
+            )
+        return None
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _one_line(e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

@@ -1,0 +1,99 @@
+"""Checkpoints: round trip onto another mesh, skipping damaged steps, keep-N; the workdir lock."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gpt2_jax.checkpoint import CheckpointError, Checkpoints, abstract_with_shardings
+from gpt2_jax.lock import WorkdirBusy, WorkdirLock
+
+
+def _mesh(n):
+    return jax.make_mesh((n,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
+
+
+def _state(mesh, offset=0.0):
+    w = jnp.arange(64.0).reshape(16, 4) + offset
+    return {"w": jax.device_put(w, NamedSharding(mesh, P("d"))), "step": jnp.array(int(offset), jnp.int32)}
+
+
+def _target(mesh):
+    spec = P(None, "d") if mesh.devices.size <= 4 else P("d")  # a layout other than the saved one
+    shardings = {"w": NamedSharding(mesh, spec), "step": NamedSharding(mesh, P())}
+    return abstract_with_shardings(jax.eval_shape(lambda: _state(mesh)), shardings)
+
+
+def _truncate_state_files(ckpt_dir):
+    for root, _, files in os.walk(os.path.join(ckpt_dir, "state")):
+        for f in files:
+            if f.startswith("manifest") or os.sep + "d" in root:
+                open(os.path.join(root, f), "wb").close()
+
+
+def test_round_trip_onto_a_smaller_mesh(tmp_path):
+    ckpts = Checkpoints(str(tmp_path))
+    ckpts.save(7, _state(_mesh(8), 7.0), {"next_batch": 5, "seed": 1}, {"lr": 0.001})
+    ckpts.close()
+    restored = Checkpoints(str(tmp_path)).restore_latest(_target(_mesh(4)))
+    assert restored.step == 7 and restored.data_state == {"next_batch": 5, "seed": 1}
+    assert restored.config == {"lr": 0.001}
+    np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.arange(64.0).reshape(16, 4) + 7)
+    assert restored.state["w"].sharding.mesh.devices.size == 4
+    assert restored.state["w"].sharding.spec == P(None, "d")
+
+
+def test_keeps_the_newest_n(tmp_path):
+    ckpts = Checkpoints(str(tmp_path), max_to_keep=2)
+    for step in (1, 2, 3):
+        ckpts.save(step, _state(_mesh(8), step), {"next_batch": step}, {})
+    ckpts.close()
+    assert Checkpoints(str(tmp_path)).steps() == [2, 3]
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    ckpts = Checkpoints(str(tmp_path))
+    ckpts.save(10, _state(_mesh(8), 10.0), {"next_batch": 10}, {})
+    ckpts.save(20, _state(_mesh(8), 20.0), {"next_batch": 20}, {})
+    ckpts.close()
+    _truncate_state_files(ckpts.path(20))
+    with caplog.at_level(logging.WARNING, logger="gpt2_jax.checkpoint"):
+        restored = Checkpoints(str(tmp_path)).restore_latest(_target(_mesh(8)))
+    assert restored.step == 10 and restored.data_state == {"next_batch": 10}
+    assert any(ckpts.path(20) in r.getMessage() and "unusable" in r.getMessage() for r in caplog.records)
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    ckpts = Checkpoints(str(tmp_path))
+    ckpts.save(5, _state(_mesh(8)), {"next_batch": 5}, {})
+    ckpts.close()
+    _truncate_state_files(ckpts.path(5))
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        Checkpoints(str(tmp_path)).restore_latest(_target(_mesh(8)))
+    assert Checkpoints(str(tmp_path / "empty")).restore_latest(_target(_mesh(8))) is None
+
+
+def test_a_half_written_checkpoint_is_not_listed(tmp_path):
+    ckpts = Checkpoints(str(tmp_path))
+    ckpts.save(3, _state(_mesh(8)), {"next_batch": 3}, {})
+    ckpts.close()
+    # what a run killed mid-write leaves: Orbax's temporary folder, never renamed into place
+    os.makedirs(os.path.join(ckpts.directory, "4.orbax-checkpoint-tmp-1234", "state"))
+    assert Checkpoints(str(tmp_path)).steps() == [3]
+
+
+def test_workdir_lock_refuses_a_second_holder_and_frees_on_death(tmp_path):
+    with WorkdirLock(str(tmp_path)):
+        with pytest.raises(WorkdirBusy, match=f"pid {os.getpid()}"):
+            WorkdirLock(str(tmp_path)).acquire()
+    # a process that dies holding the lock (SIGKILL: no cleanup) does not leave it stuck
+    code = "import os, sys; from gpt2_jax.lock import WorkdirLock; WorkdirLock(sys.argv[1]).acquire(); os._exit(0)"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    with WorkdirLock(str(tmp_path)):
+        pass
