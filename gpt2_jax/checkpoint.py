@@ -1,13 +1,16 @@
-"""Orbax checkpoints of {train state, data iterator position, config} under WORKDIR/checkpoints/<step>/."""
+"""Orbax checkpoints of {train state, data position, run config, model config} in WORKDIR/checkpoints/<step>/."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
+
+from gpt2_jax.model import GPT2Config
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +47,21 @@ class Checkpoints:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "config", "model")
+        )
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
-        """Start writing a checkpoint of `step`; returns False if Orbax chose to skip it."""
+    def save(self, step: int, state, data_state: dict, config: dict, model: GPT2Config, *, force: bool = False) -> bool:
+        """Start writing a checkpoint of `step`; returns False if Orbax chose to skip it. `config`
+        is the run's config; `model` lets generate/export/evaluate rebuild the model alone."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config),
+            model=ocp.args.JsonSave(dataclasses.asdict(model)),
         )
         return self._manager.save(step, args=args, force=force)
 
@@ -68,6 +75,20 @@ class Checkpoints:
         )
         out = self._manager.restore(step, args=args)
         return Restored(step, out["state"], dict(out["data"]), dict(out["config"]))
+
+    def model_config(self, step: int, **overrides) -> GPT2Config:
+        """The GPT2Config a checkpoint was trained with (overrides: e.g. dtype for inference)."""
+        saved = self._manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
+        return GPT2Config(**{**saved, **overrides})
+
+    def restore_params(self, step: int, abstract_params):
+        """Only the parameters of `step` (no optimizer state is read), onto the shardings carried
+        by `abstract_params`: for generation, export and evaluation."""
+        restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params)
+        args = ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True
+        )
+        return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
     def restore_latest(self, abstract_state) -> Restored | None:
         """The newest checkpoint that restores; unreadable ones (truncated, corrupted) are skipped

@@ -13,6 +13,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gpt2_jax.checkpoint import CheckpointError, Checkpoints, abstract_with_shardings
 from gpt2_jax.lock import WorkdirBusy, WorkdirLock
+from gpt2_jax.model import GPT2Config
+
+TINY = GPT2Config.from_preset("tiny", dtype="bfloat16")
 
 
 def _mesh(n):
@@ -39,7 +42,7 @@ def _truncate_state_files(ckpt_dir):
 
 def test_round_trip_onto_a_smaller_mesh(tmp_path):
     ckpts = Checkpoints(str(tmp_path))
-    ckpts.save(7, _state(_mesh(8), 7.0), {"next_batch": 5, "seed": 1}, {"lr": 0.001})
+    ckpts.save(7, _state(_mesh(8), 7.0), {"next_batch": 5, "seed": 1}, {"lr": 0.001}, TINY)
     ckpts.close()
     restored = Checkpoints(str(tmp_path)).restore_latest(_target(_mesh(4)))
     assert restored.step == 7 and restored.data_state == {"next_batch": 5, "seed": 1}
@@ -49,18 +52,32 @@ def test_round_trip_onto_a_smaller_mesh(tmp_path):
     assert restored.state["w"].sharding.spec == P(None, "d")
 
 
+def test_params_and_model_config_restore_alone(tmp_path):
+    mesh = _mesh(8)
+    state = {"params": _state(mesh, 3.0), "opt_state": {"mu": jnp.zeros(7)}}
+    ckpts = Checkpoints(str(tmp_path))
+    ckpts.save(3, state, {"next_batch": 3}, {}, TINY)
+    ckpts.close()
+    ckpts = Checkpoints(str(tmp_path))
+    assert ckpts.model_config(3) == TINY
+    assert ckpts.model_config(3, dtype="float32").dtype == "float32"
+    params = ckpts.restore_params(3, _target(_mesh(4)))
+    assert set(params) == {"w", "step"} and params["w"].sharding.mesh.devices.size == 4
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.arange(64.0).reshape(16, 4) + 3)
+
+
 def test_keeps_the_newest_n(tmp_path):
     ckpts = Checkpoints(str(tmp_path), max_to_keep=2)
     for step in (1, 2, 3):
-        ckpts.save(step, _state(_mesh(8), step), {"next_batch": step}, {})
+        ckpts.save(step, _state(_mesh(8), step), {"next_batch": step}, {}, TINY)
     ckpts.close()
     assert Checkpoints(str(tmp_path)).steps() == [2, 3]
 
 
 def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
     ckpts = Checkpoints(str(tmp_path))
-    ckpts.save(10, _state(_mesh(8), 10.0), {"next_batch": 10}, {})
-    ckpts.save(20, _state(_mesh(8), 20.0), {"next_batch": 20}, {})
+    ckpts.save(10, _state(_mesh(8), 10.0), {"next_batch": 10}, {}, TINY)
+    ckpts.save(20, _state(_mesh(8), 20.0), {"next_batch": 20}, {}, TINY)
     ckpts.close()
     _truncate_state_files(ckpts.path(20))
     with caplog.at_level(logging.WARNING, logger="gpt2_jax.checkpoint"):
@@ -71,7 +88,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog)
 
 def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     ckpts = Checkpoints(str(tmp_path))
-    ckpts.save(5, _state(_mesh(8)), {"next_batch": 5}, {})
+    ckpts.save(5, _state(_mesh(8)), {"next_batch": 5}, {}, TINY)
     ckpts.close()
     _truncate_state_files(ckpts.path(5))
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
@@ -81,7 +98,7 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
 
 def test_a_half_written_checkpoint_is_not_listed(tmp_path):
     ckpts = Checkpoints(str(tmp_path))
-    ckpts.save(3, _state(_mesh(8)), {"next_batch": 3}, {})
+    ckpts.save(3, _state(_mesh(8)), {"next_batch": 3}, {}, TINY)
     ckpts.close()
     # what a run killed mid-write leaves: Orbax's temporary folder, never renamed into place
     os.makedirs(os.path.join(ckpts.directory, "4.orbax-checkpoint-tmp-1234", "state"))
