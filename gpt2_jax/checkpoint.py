@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from gpt2_jax.model import GPT2Config
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -39,13 +40,13 @@ class Checkpoints:
     newest `max_to_keep`. Orbax writes each step into a temporary folder and renames it when
     complete, so a run killed mid-write never leaves a step that looks finished."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, create: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=create,
+            create=create,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config", "model")
@@ -91,24 +92,29 @@ class Checkpoints:
         return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
     def restore_latest(self, abstract_state) -> Restored | None:
-        """The newest checkpoint that restores; unreadable ones (truncated, corrupted) are skipped
-        with a warning naming them. None if there are no checkpoints at all; CheckpointError if
-        there are some but none is usable (never a silent fresh start)."""
-        steps = self.steps()
+        """The newest checkpoint that restores (see `newest_usable`); None if there are none."""
+        if not self.steps():
+            return None
+        return self.newest_usable(lambda step: self.restore(step, abstract_state))
+
+    def newest_usable(self, restore: Callable[[int], T]) -> T:
+        """`restore(step)` for the newest step where it succeeds. Unreadable checkpoints
+        (truncated, corrupted) are skipped with a warning naming them; CheckpointError if none
+        is usable or there are none (never a silent fresh start)."""
         failures = []
-        for step in reversed(steps):
+        for step in reversed(self.steps()):
             try:
-                return self.restore(step, abstract_state)
+                return restore(step)
             except Exception as e:  # Orbax/tensorstore raise many kinds on damaged files
                 reason = _one_line(e)
                 failures.append(f"{step} ({reason})")
                 log.warning("checkpoint %s is unusable, skipping it: %s", self.path(step), reason)
-        if failures:
-            raise CheckpointError(
-                f"no usable checkpoint in {self.directory}: {'; '.join(failures)}. Move the folder "
-                "away to start afresh, or fix the files"
-            )
-        return None
+        if not failures:
+            raise CheckpointError(f"no checkpoints in {self.directory}")
+        raise CheckpointError(
+            f"no usable checkpoint in {self.directory}: {'; '.join(failures)}. Move the folder "
+            "away to start afresh, or fix the files"
+        )
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
