@@ -26,10 +26,11 @@ def first_line(e: BaseException) -> str:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input rather than a bug (imported lazily: no JAX at import)."""
     from gpt2_jax.checkpoint import CheckpointError
+    from gpt2_jax.data import DataError
     from gpt2_jax.hf import HFFormatError
     from gpt2_jax.lock import WorkdirBusy
 
-    return (UserError, HFFormatError, CheckpointError, WorkdirBusy, FileExistsError, FileNotFoundError)
+    return (UserError, DataError, HFFormatError, CheckpointError, WorkdirBusy, FileExistsError, FileNotFoundError)
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
