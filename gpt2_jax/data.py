@@ -1,0 +1,244 @@
+"""Token shards -> this host's batches of token windows, in an exact, checkpointable grain order.
+
+A split (`train_*.bin` or `val_*.bin`, llm.c / modded-nanogpt format) is read as windows of
+block_size + 1 tokens at stride block_size (neighbours share one token, like nanoGPT's x / y),
+never crossing a shard boundary. Training order: window stream = epoch 0's permutation, then
+epoch 1's, ... (each from the seed and the epoch, every window exactly once per epoch); global
+batch k = stream[k * G : (k + 1) * G]; host p of P reads rows [p * G/P, (p + 1) * G/P) of it. So
+the global batch does not depend on the number of hosts, and the iterator state is one number
+(the next global batch) plus what the order depends on; it is the same on every host.
+
+    it = make_train_iterator(path, block_size=1024, global_batch_size=512, seed=0)
+    batch = to_global_batch(next(it), sharding)      # {"inputs", "targets"}: int32 [512, 1024]
+    state = it.get_state()                           # small JSON-able dict; it.set_state(state)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from typing import NamedTuple
+
+import grain
+import jax
+import numpy as np
+
+from gpt2_jax.prepare import HEADER_BYTES, MAGIC, VERSION
+from gpt2_jax.tokenizer import VOCAB_SIZE
+
+NUM_THREADS = 2  # threads reading batches ahead of the training step
+PREFETCH_BATCHES = 4  # host batches kept ready
+
+
+class DataError(ValueError):
+    """A problem with the token shards or the batch layout that the user can fix."""
+
+
+# --- shards and windows ---------------------------------------------------------------------
+
+
+def shard_files(path: str, split: str) -> list[str]:
+    """Sorted `[prefix_]<split>_<digits>.bin` files in path (ours: train_000000.bin; llm.c's and
+    modded-nanogpt's: fineweb_train_000001.bin)."""
+    if not os.path.isdir(path):
+        raise DataError(f"data path {path} is not a folder; make one with python -m gpt2_jax.prepare")
+    pattern = re.compile(rf"^(?:.*_)?{re.escape(split)}_\d+\.bin$")
+    files = sorted(f for f in os.listdir(path) if pattern.match(f))
+    if not files:
+        raise DataError(f"no {split} shards ({split}_*.bin) in {path}; make them with python -m gpt2_jax.prepare")
+    return [os.path.join(path, f) for f in files]
+
+
+def load_shard(file: str) -> np.ndarray:
+    """Checks the llm.c header and memory-maps the shard's uint16 tokens."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise DataError(f"{file}: {size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
+    header = np.frombuffer(raw, dtype="<i4")
+    if header[0] != MAGIC:
+        raise DataError(f"{file}: not a token shard (magic number {header[0]}, expected {MAGIC})")
+    if header[1] != VERSION:
+        raise DataError(f"{file}: shard version {header[1]}; only version {VERSION} (uint16 GPT-2 tokens) is supported")
+    n, have = int(header[2]), (size - HEADER_BYTES) // 2
+    if not 0 <= n <= have:
+        raise DataError(f"{file}: truncated: its header says {n:,} tokens but the file holds {have:,}")
+    if n == 0:
+        return np.zeros(0, dtype="<u2")
+    return np.memmap(file, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+class Windows:
+    """Random access to the windows of block_size + 1 tokens of one split, numbered shard by shard."""
+
+    def __init__(self, path: str, split: str, block_size: int, vocab_size: int = VOCAB_SIZE):
+        if block_size < 1:
+            raise DataError(f"block_size must be at least 1, got {block_size}")
+        self.files = shard_files(path, split)
+        self.shards = [load_shard(f) for f in self.files]
+        self.block_size, self.vocab_size = block_size, vocab_size
+        self.counts = np.array([max(0, (len(s) - 1) // block_size) for s in self.shards], dtype=np.int64)
+        self.ends = np.cumsum(self.counts)
+        if self.ends[-1] == 0:
+            longest = max(len(s) for s in self.shards)
+            raise DataError(
+                f"the {split} split in {path} is shorter than one window of block_size + 1 = "
+                f"{block_size + 1} tokens (its longest shard has {longest:,}); use a smaller block_size or more data"
+            )
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Window ids -> (shard index, first token position in that shard)."""
+        shard = np.searchsorted(self.ends, ids, side="right")
+        return shard, (ids - (self.ends[shard] - self.counts[shard])) * self.block_size
+
+    def read(self, ids: np.ndarray) -> np.ndarray:
+        """int32 [len(ids), block_size + 1]: the windows' tokens, checked against the vocabulary."""
+        shard, start = self.locate(np.asarray(ids, dtype=np.int64))
+        out = np.empty((len(shard), self.block_size + 1), dtype=np.int32)
+        for row, (s, a) in enumerate(zip(shard, start)):
+            out[row] = self.shards[s][a : a + self.block_size + 1]
+        if len(out) and out.max() >= self.vocab_size:
+            self._raise_bad_token(out, shard, start)
+        return out
+
+    def _raise_bad_token(self, out: np.ndarray, shard: np.ndarray, start: np.ndarray):
+        row, col = np.argwhere(out >= self.vocab_size)[0]
+        raise DataError(
+            f"{self.files[shard[row]]}: token id {out[row, col]} at position {start[row] + col:,} is >= the "
+            f"vocabulary size {self.vocab_size}; these shards were made with another tokenizer"
+        )
+
+
+def num_windows(path: str, block_size: int, split: str = "train") -> int:
+    """Windows in one epoch of a split: epochs done = batches * global_batch_size / this."""
+    return len(Windows(path, split, block_size))
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+def _train_batch(windows: Windows, ids: np.ndarray) -> dict[str, np.ndarray]:
+    tokens = windows.read(ids)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def _eval_batch(windows: Windows, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Ids past the last window are padding rows: zero tokens and zero weights."""
+    valid = ids < len(windows)
+    tokens = np.zeros((len(ids), windows.block_size + 1), dtype=np.int32)
+    tokens[valid] = windows.read(ids[valid])
+    weights = np.repeat(valid.astype(np.float32)[:, None], windows.block_size, axis=1)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+
+
+class HostShare(NamedTuple):
+    """This host's part of every global batch: rows [index * rows, (index + 1) * rows)."""
+
+    index: int
+    count: int
+    rows: int
+    global_batch_size: int
+
+
+def host_share(global_batch_size: int, process_index: int | None = None, process_count: int | None = None) -> HostShare:
+    """Checks the layout; process index and count default to this JAX process's."""
+    p = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    if not 0 <= p < n:
+        raise DataError(f"process_index {p} is not in [0, process_count={n})")
+    if global_batch_size < 1 or global_batch_size % n:
+        raise DataError(f"global batch size {global_batch_size} must be a positive multiple of the {n} processes")
+    return HostShare(p, n, global_batch_size // n, global_batch_size)
+
+
+def _mix(seed: int) -> int:
+    """A 32-bit shuffle seed that differs a lot between neighbouring user seeds (grain uses
+    seed + epoch per epoch, so seeds 0 and 1 would otherwise share all but one epoch)."""
+    return int.from_bytes(hashlib.blake2b(str(int(seed)).encode(), digest_size=4).digest(), "little")
+
+
+class BatchIterator(grain.DatasetIterator):
+    """This host's batches. State: {"next_batch": k, ...what the order depends on}, the same on
+    every host and JSON-serialisable, so grain's Orbax handler or plain JSON can store it."""
+
+    def __init__(self, parent: grain.DatasetIterator, *, num_windows: int, global_batch_size: int,
+                 identity: dict, num_batches: int | None = None):  # fmt: skip
+        super().__init__(parent)
+        self.num_windows, self.global_batch_size = num_windows, global_batch_size
+        self.num_batches = num_batches  # None: infinite
+        self._identity = identity
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    @property
+    def next_batch(self) -> int:
+        """Index of the global batch that next() returns."""
+        return grain.experimental.get_next_index(self._parent)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch that the next window read belongs to (0-based)."""
+        return self.next_batch * self.global_batch_size // self.num_windows
+
+    def get_state(self) -> dict:
+        return {"next_batch": self.next_batch, **self._identity}
+
+    def set_state(self, state: dict) -> None:
+        changed = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in self._identity.items() if state.get(k) != v]
+        if changed:
+            raise DataError("cannot resume the data order, it changed since the checkpoint: " + "; ".join(changed))
+        grain.experimental.set_next_index(self._parent, int(state["next_batch"]))
+
+
+def _iterator(ids: grain.MapDataset, fn, windows: Windows, share: HostShare, identity: dict,
+              num_batches: int | None, options: grain.ReadOptions) -> BatchIterator:  # fmt: skip
+    """Window-id stream -> chunks of share.rows ids; host p of n takes chunks p, p + n, ... (its
+    rows of every global batch) -> batches read ahead by a thread pool, returned in order."""
+    ds = ids.batch(share.rows).slice(slice(share.index, None, share.count)).map(functools.partial(fn, windows))
+    return BatchIterator(iter(ds.to_iter_dataset(options)), num_windows=len(windows),
+                         global_batch_size=share.global_batch_size, identity=identity, num_batches=num_batches)  # fmt: skip
+
+
+def make_train_iterator(path: str, *, block_size: int, global_batch_size: int, seed: int,
+                        process_index: int | None = None, process_count: int | None = None,
+                        split: str = "train", num_threads: int = NUM_THREADS,
+                        prefetch_batches: int = PREFETCH_BATCHES, vocab_size: int = VOCAB_SIZE) -> BatchIterator:  # fmt: skip
+    """Infinite shuffled training batches for this host: {"inputs", "targets"} int32
+    [global_batch_size / process_count, block_size]. Epoch e is a permutation of all windows
+    from (seed, e); a batch may span two epochs; nothing is dropped or repeated within an epoch."""
+    windows = Windows(path, split, block_size, vocab_size)
+    share = host_share(global_batch_size, process_index, process_count)
+    ids = grain.MapDataset.range(len(windows)).shuffle(seed=_mix(seed)).repeat()
+    identity = {"split": split, "seed": seed, "block_size": block_size,
+                "global_batch_size": global_batch_size, "num_windows": len(windows)}  # fmt: skip
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+    return _iterator(ids, _train_batch, windows, share, identity, None, options)
+
+
+def make_eval_iterator(path: str, *, block_size: int, global_batch_size: int,
+                       process_index: int | None = None, process_count: int | None = None,
+                       split: str = "val", num_threads: int = NUM_THREADS,
+                       prefetch_batches: int = PREFETCH_BATCHES, vocab_size: int = VOCAB_SIZE) -> BatchIterator:  # fmt: skip
+    """One pass over the split's windows in order (finite: `it.num_batches` batches). The last
+    global batch is padded with zero-token rows, so every window counts once: batches carry
+    "weights" float32 [rows, block_size], 1 on real rows and 0 on padding."""
+    windows = Windows(path, split, block_size, vocab_size)
+    share = host_share(global_batch_size, process_index, process_count)
+    num_batches = -(-len(windows) // global_batch_size)
+    identity = {"split": split, "block_size": block_size, "global_batch_size": global_batch_size,
+                "num_windows": len(windows)}  # fmt: skip
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+    ids = grain.MapDataset.range(num_batches * global_batch_size)
+    return _iterator(ids, _eval_batch, windows, share, identity, num_batches, options)
+
+
+def to_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    """This host's rows -> global jax.Arrays (batch axis over all processes) placed by sharding."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
