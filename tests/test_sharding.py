@@ -1,0 +1,112 @@
+"""Mesh shapes, logical-axis rules and the shardings they give the train state and batches (8 CPU devices)."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from gpt2_jax import optim, sharding, steps
+from gpt2_jax.model import GPT2, GPT2Config
+
+
+@pytest.mark.parametrize("axes, n, expected", [
+    ((-1, 1, 1), 8, (8, 1, 1)),
+    ((2, -1, 1), 8, (2, 4, 1)),
+    ((2, 2, -1), 8, (2, 2, 2)),
+    ((1, 1, 1), 1, (1, 1, 1)),
+    ((2, 2, 2), 8, (2, 2, 2)),
+])
+def test_resolve_fills_the_one_free_axis(axes, n, expected):
+    assert sharding.resolve_mesh_shape(*axes, num_devices=n) == expected
+
+
+@pytest.mark.parametrize("axes, match", [
+    ((3, 1, 1), "= 3 but there are 8 devices"),
+    ((-1, -1, 1), "only one mesh axis may be -1"),
+    ((3, -1, 1), "cannot fill mesh.fsdp"),
+    ((0, 1, -1), "mesh.data=0 is invalid"),
+])
+def test_resolve_refuses_shapes_that_do_not_fit(axes, match):
+    with pytest.raises(sharding.MeshError, match=match):
+        sharding.resolve_mesh_shape(*axes, num_devices=8)
+
+
+def test_mesh_has_named_auto_axes():
+    mesh = sharding.make_mesh((2, 2, 2))
+    assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.size == 8
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_rule_overrides_take_precedence_and_name_real_axes():
+    rules = sharding.logical_rules((("embed", None), ("mlp", ["fsdp", "tensor"])))
+    assert sharding.mesh_axes_for("embed", rules) == ()
+    assert sharding.mesh_axes_for("mlp", rules) == ("fsdp", "tensor")
+    assert sharding.mesh_axes_for("heads", rules) == ("tensor",)
+    with pytest.raises(sharding.MeshError, match="names no mesh axis"):
+        sharding.logical_rules((("embed", "model"),))
+
+
+def _state_shardings(mesh, config=GPT2Config.from_preset("tiny", vocab_pad_multiple=128)):
+    tx = optim.make_optimizer(lambda s: 1e-3)
+    abstract, specs = steps.abstract_state(GPT2(config), tx, lambda s: 1e-3)
+    return abstract, sharding.logical_to_shardings(specs, mesh, sharding.DEFAULT_RULES)
+
+
+def test_state_shardings_follow_the_rules_for_params_and_adam_moments():
+    mesh = sharding.make_mesh((2, 2, 2))
+    abstract, shard = _state_shardings(mesh)
+    p = shard.params
+    assert p["wte"].spec == P("tensor", "fsdp")
+    assert p["wpe"].spec == P(None, "fsdp")
+    assert p["h_0"]["attn"]["c_attn"]["kernel"].spec == P("fsdp", None)  # qkv kept whole, see DEFAULT_RULES
+    assert p["h_0"]["attn"]["c_proj"]["kernel"].spec == P("tensor", "fsdp")
+    assert p["h_0"]["mlp"]["c_fc"]["kernel"].spec == P("fsdp", "tensor")
+    assert p["h_0"]["mlp"]["c_fc"]["bias"].spec == P("tensor")
+    adam = shard.opt_state[1][0]
+    assert adam.mu["wte"].spec == P("tensor", "fsdp") and adam.nu["h_1"]["mlp"]["c_proj"]["kernel"].spec == P("tensor", "fsdp")
+    assert shard.step.spec == P() and shard.dropout_key.spec == P()
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(shard)
+
+
+def test_fsdp_divides_parameter_and_optimizer_memory_per_device():
+    def bytes_per_device(mesh_shape):
+        abstract, shard = _state_shardings(sharding.make_mesh(mesh_shape))
+        leaves = zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shard))
+        return sum(np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in leaves)
+
+    replicated, fsdp = bytes_per_device((8, 1, 1)), bytes_per_device((1, 8, 1))
+    assert fsdp < replicated / 7  # everything but a few scalars is split 8 ways
+
+
+def test_state_is_initialised_directly_into_its_shardings():
+    mesh = sharding.make_mesh((2, 4, 1))
+    config = GPT2Config.from_preset("tiny", vocab_size=512)
+    lr = optim.lr_schedule(1e-3, 10, 0)
+    tx = optim.make_optimizer(lr)
+    _, specs = steps.abstract_state(GPT2(config), tx, lr)
+    shard = sharding.logical_to_shardings(specs, mesh, sharding.DEFAULT_RULES)
+    state = steps.init_state(GPT2(config), tx, lr, 0, shard)
+    wte = state.params["wte"]
+    assert wte.sharding == shard.params["wte"]
+    assert {s.data.shape for s in wte.addressable_shards} == {(512, 16)}  # embed split over fsdp=4
+    assert state.opt_state[1][0].mu["wte"].sharding == shard.params["wte"]
+
+
+def test_batch_sharding_splits_rows_over_data_and_fsdp():
+    mesh = sharding.make_mesh((2, 2, 2))
+    rules = sharding.DEFAULT_RULES
+    assert sharding.data_parallel_size(mesh, rules) == 4
+    assert sharding.batch_sharding(mesh, rules).spec == P(("data", "fsdp"), None)
+    assert sharding.batch_sharding(mesh, rules, microbatched=True).spec == P(None, ("data", "fsdp"), None)
+    # one process feeds every row
+    assert sharding.process_batch_slice(sharding.batch_sharding(mesh, rules), (16, 32)) == (0, 1)
+
+
+def test_indivisible_names_the_parameter_and_the_split():
+    mesh = sharding.make_mesh((1, 1, 8))
+    config = GPT2Config.from_preset("tiny", vocab_pad_multiple=1)  # 50257 rows over 8 ways
+    abstract, shard = _state_shardings(mesh, config)
+    problems = sharding.indivisible(abstract.params, shard.params)
+    assert problems == ["wte (50257, 64): dimension 50257 is split 8 ways over tensor"]
+    ok_abstract, ok_shard = _state_shardings(mesh)
+    assert sharding.indivisible(ok_abstract.params, ok_shard.params) == []
