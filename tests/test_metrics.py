@@ -1,0 +1,73 @@
+"""FLOPs per token, device peaks and MFU; the metrics.jsonl / TensorBoard writer."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from gpt2_jax import metrics
+from gpt2_jax.model import GPT2Config
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+    gpt2 = GPT2Config.from_preset("gpt2")  # unpadded vocabulary
+    matmul = 12 * 12 * 768**2 + 50257 * 768  # blocks' kernels + tied LM head
+    assert metrics.matmul_params(gpt2) == matmul == 123_532_032
+    assert metrics.flops_per_token(gpt2, 1024) == 6 * matmul + 12 * 12 * 768 * 1024
+    padded = gpt2.replace(vocab_pad_multiple=128)  # the padded head is computed too
+    assert metrics.matmul_params(padded) - matmul == (50304 - 50257) * 768
+
+
+@pytest.mark.parametrize("kind, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA B200", "bfloat16", 2250e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+    ("NVIDIA A100-SXM4-80GB", "float32", 156e12),  # TF32
+    ("TPU v4", "bfloat16", 275e12),
+    ("TPU v5 lite", "bfloat16", 197e12),
+    ("TPU v5", "bfloat16", 459e12),
+    ("TPU v5p", "bfloat16", 459e12),
+    ("TPU v6 lite", "bfloat16", 918e12),
+    ("Some New Accelerator", "bfloat16", None),
+])
+def test_device_peaks(kind, dtype, peak):
+    assert metrics.device_peak_flops(kind, dtype) == peak
+
+
+def test_cpu_devices_share_one_host_peak_and_the_override_wins():
+    devices = jax.devices()  # 8 virtual CPU devices in one process
+    host = metrics.total_peak_flops(devices, "float32")
+    if host is not None:  # Linux: cores x clock x SIMD width
+        assert host == metrics.total_peak_flops(devices[:1], "float32")
+    assert metrics.total_peak_flops(devices, "float32", override_per_device=1e12) == 1e12
+
+
+def test_mfu_is_absent_without_a_peak():
+    assert metrics.mfu(1000.0, 1e9, None) is None
+    assert metrics.mfu(1000.0, 1e9, 4e12) == pytest.approx(0.25)
+
+
+def test_writer_appends_rows_and_tensorboard_events(tmp_path):
+    with metrics.MetricsWriter(str(tmp_path), total_steps=10, progress=False) as w:
+        w.write(5, {"loss": 2.5, "lr": 1e-3, "tokens_per_sec": 100.0, "mfu": None}, "train")
+        w.write(5, {"val_loss": 2.0, "val_ppl": 7.39, "sample": "hi"}, "eval")
+        w.text(5, "sample", "hi")
+    with metrics.MetricsWriter(str(tmp_path), total_steps=10, progress=False) as w:  # a second run appends
+        w.write(6, {"loss": 2.4, "lr": 1e-3}, "train")
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows == [
+        {"step": 5, "loss": 2.5, "lr": 1e-3, "tokens_per_sec": 100.0},  # None (no MFU) is left out
+        {"step": 5, "val_loss": 2.0, "val_ppl": 7.39, "sample": "hi"},
+        {"step": 6, "loss": 2.4, "lr": 1e-3},
+    ]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+def test_only_the_enabled_process_writes(tmp_path):
+    with metrics.MetricsWriter(str(tmp_path / "w"), total_steps=1, enabled=False) as w:
+        w.write(1, {"loss": 1.0, "lr": 0.1}, "train")
+        w.print("nothing")
+    assert not os.path.exists(tmp_path / "w")
