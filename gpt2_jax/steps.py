@@ -1,0 +1,134 @@
+"""The train state and the pure step functions the trainer jits: train_step, eval_step.
+
+A TrainState holds everything a run needs to continue exactly (step, params, optimizer state,
+dropout key); the model, optimizer and schedule ride along as static fields rebuilt from the
+config. Batches are dicts of int32 "inputs" / "targets": (B, T), or (grad_accum, B / grad_accum, T)
+to accumulate gradients over microbatches inside one step (see split_microbatches).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax.training import train_state
+
+from gpt2_jax.model import GPT2, cross_entropy
+
+
+class TrainState(train_state.TrainState):
+    """step, params, opt_state, dropout_key (raw uint32 key data): all arrays, all saved.
+    Static: apply_fn, tx, lr_fn (the schedule, for logging the learning rate of each step)."""
+
+    dropout_key: jax.Array
+    lr_fn: Callable = struct.field(pytree_node=False, default=None)
+
+
+def _create_state(model: GPT2, tx, lr_fn, params, seed: int) -> TrainState:
+    dropout_key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, lr_fn=lr_fn, dropout_key=dropout_key)
+
+
+def _init_boxed(model: GPT2, tx, lr_fn, seed: int) -> TrainState:
+    """State with parameters still in their LogicallyPartitioned boxes (optimizer moments
+    inherit the boxes, so their logical axes are known too)."""
+    init_key = jax.random.fold_in(jax.random.key(seed), 0)
+    params = model.init(init_key, jnp.zeros((1, 1), jnp.int32))["params"]
+    return _create_state(model, tx, lr_fn, params, seed)
+
+
+def abstract_state(model: GPT2, tx, lr_fn, seed: int = 0) -> tuple[TrainState, Any]:
+    """(shapes of the state, its logical PartitionSpecs), via jax.eval_shape: nothing allocated."""
+    boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx, lr_fn, seed))
+    shapes = jax.tree_util.tree_map(  # no sharding constraint: these are shapes, not arrays
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned) else x,
+        boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return shapes, nn.get_partition_spec(boxed)
+
+
+def init_state(model: GPT2, tx, lr_fn, seed: int, shardings) -> TrainState:
+    """A fresh state, initialised directly into `shardings` (no full copy on any one device)."""
+    fn = lambda: nn.unbox(_init_boxed(model, tx, lr_fn, seed))  # noqa: E731
+    return jax.jit(fn, out_shardings=_restructure(shardings, jax.eval_shape(fn)))()
+
+
+def state_from_params(model: GPT2, tx, lr_fn, params, seed: int, shardings) -> TrainState:
+    """A fresh state around given host parameters (e.g. from hf.load_hf). Each process places
+    only its own shards, so this works across hosts; optimizer state is created sharded."""
+    placed = jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: np.asarray(x[idx], np.float32)),
+        params, shardings.params,
+    )
+    fn = lambda p: _create_state(model, tx, lr_fn, p, seed)  # noqa: E731
+    return jax.jit(fn, out_shardings=_restructure(shardings, jax.eval_shape(fn, placed)))(placed)
+
+
+def _restructure(shardings, like):
+    """`shardings` laid out as `like`: state trees built from other (equal but not identical)
+    model / optimizer objects differ only in their static fields."""
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), jax.tree_util.tree_leaves(shardings))
+
+
+def split_microbatches(batch: dict, grad_accum: int) -> dict:
+    """Host (B, T) arrays -> (grad_accum, B / grad_accum, T): row r goes to microbatch
+    r % grad_accum, so each device's contiguous block of rows holds an equal share of every
+    microbatch and no data moves between devices."""
+    def split(x):
+        b = x.shape[0]
+        if b % grad_accum:
+            raise ValueError(f"{b} rows do not split into {grad_accum} microbatches")
+        return np.swapaxes(x.reshape(b // grad_accum, grad_accum, *x.shape[1:]), 0, 1)
+
+    return {k: split(np.asarray(v)) for k, v in batch.items()}
+
+
+def _as_microbatches(batch: dict) -> tuple[jax.Array, jax.Array]:
+    inputs, targets = batch["inputs"], batch["targets"]
+    if inputs.ndim == 2:
+        return inputs[None], targets[None]
+    return inputs, targets
+
+
+def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One optimizer update from the mean gradient over all microbatches of `batch`.
+    Returns the new state and float32 metrics (loss before the update, lr, grad_norm)."""
+    inputs, targets = _as_microbatches(batch)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
+
+    def loss_of(params, x, y, key):
+        logits = state.apply_fn({"params": params}, x, deterministic=False, rngs={"dropout": key})
+        return cross_entropy(logits, y)
+
+    grad_fn = jax.value_and_grad(loss_of)
+
+    def accumulate(carry, micro):
+        loss_sum, grad_sum = carry
+        i, x, y = micro
+        loss, grads = grad_fn(state.params, x, y, jax.random.fold_in(step_key, i))
+        return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    n = inputs.shape[0]
+    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(n), inputs, targets))
+    grads = jax.tree_util.tree_map(lambda g: g / n, grad_sum)
+    metrics = {
+        "loss": loss_sum / n,
+        "lr": jnp.asarray(state.lr_fn(state.step), jnp.float32),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+    """Mean next-token loss of the current parameters on a (B, T) batch, without dropout, and
+    the number of tokens it covers (batch["weights"], if given, marks padding rows with 0)."""
+    logits = state.apply_fn({"params": state.params}, batch["inputs"], deterministic=True)
+    weights = batch.get("weights")
+    tokens = jnp.asarray(batch["targets"].size, jnp.float32) if weights is None else weights.sum(dtype=jnp.float32)
+    return {"loss": cross_entropy(logits, batch["targets"], weights), "tokens": tokens}
