@@ -167,12 +167,6 @@ def indivisible(abstract_tree, shardings) -> list[str]:
     return problems
 
 
-def local_batch_rows(global_batch: int, sharding: NamedSharding) -> int:
-    """Rows of a (B, ...) global batch that this process feeds."""
-    _, count = process_batch_slice(sharding, (global_batch, 1))
-    return global_batch // count
-
-
 def device_summary(mesh: Mesh) -> str:
     kinds = sorted({d.device_kind for d in np.ravel(mesh.devices)})
     shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
