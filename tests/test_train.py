@@ -1,0 +1,361 @@
+"""The trainer: end-to-end runs on 8 CPU devices, mesh invariance, parity with torch's AdamW on
+transformers' GPT-2, exact dropout randomness, and refusal of every invalid config."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from gpt2_jax import hf, optim, sharding, steps, train
+from gpt2_jax.data import make_train_iterator
+from gpt2_jax.model import GPT2, GPT2Config, init_params
+from gpt2_jax.prepare import HEADER_WORDS, MAGIC, VERSION
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 512
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _write_shard(file, tokens):
+    header = np.zeros(HEADER_WORDS, "<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    with open(file, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, "<u2").tobytes())
+
+
+def _markov_tokens(n, seed):
+    """A learnable stream over 64 of the 512 tokens: each has 2 possible successors (ln 2 nats)."""
+    rng = np.random.default_rng(seed)
+    table = np.random.default_rng(123).integers(0, 64, size=(64, 2)) * 7 + 5
+    index = np.full(VOCAB, -1)
+    index[table.ravel()] = np.arange(table.size) // 2
+    out = np.empty(n, np.int64)
+    out[0] = table[0, 0]
+    choices = rng.integers(0, 2, size=n)
+    for i in range(1, n):
+        out[i] = table[index[out[i - 1]], choices[i]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    path = tmp_path_factory.mktemp("shards")
+    _write_shard(path / "train_000000.bin", _markov_tokens(40_000, 0))
+    _write_shard(path / "val_000000.bin", _markov_tokens(4_000, 1))
+    return str(path)
+
+
+def _load_config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny(shards, **overrides):
+    """configs/tiny.py on the synthetic shards with a 512-token vocabulary."""
+    c = _load_config("tiny")
+    settings = {
+        "model.vocab_size": VOCAB, "model.block_size": 32, "data.path": shards, "data.bundled": "",
+        "batch_size": 16, "total_steps": 12, "warmup_steps": 2, "eval_every": 0, "eval_batches": 2,
+        "log_every": 1, "progress_bar": False, "sample.length": 0,
+    }
+    settings.update(overrides)
+    for key, value in settings.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def _losses(workdir):
+    train_rows, _ = _rows(workdir)
+    return np.array([r["loss"] for r in train_rows])
+
+
+# --- end to end ----------------------------------------------------------------------------
+
+
+def test_end_to_end_loss_falls_and_eval_rows_appear(shards, tmp_path):
+    config = tiny(shards, total_steps=24, eval_every=12, log_every=4, **{"sample.length": 8, "sample.prompt": "a"})
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    train_rows, eval_rows = _rows(tmp_path)
+
+    assert [r["step"] for r in train_rows] == [1, 4, 8, 12, 16, 20, 24]
+    for r in train_rows:
+        assert {"step", "loss", "lr", "epoch", "grad_norm"} <= set(r)
+    for r in train_rows[1:]:  # the first row is the compile step: no throughput
+        assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1
+    assert train_rows[0]["loss"] > 5.0  # near-uniform over 512 tokens at init
+    assert train_rows[-1]["loss"] < 1.5  # close to the data's ln 2 entropy
+    assert train_rows[-1]["epoch"] == pytest.approx(24 * 16 / ((40_000 - 1) // 32))
+
+    assert [r["step"] for r in eval_rows] == [12, 24]
+    assert eval_rows[1]["val_loss"] < eval_rows[0]["val_loss"] < np.log(VOCAB)
+    assert eval_rows[1]["val_ppl"] == pytest.approx(np.exp(eval_rows[1]["val_loss"]), rel=1e-6)
+    assert eval_rows[1]["val_tokens"] == 2 * 16 * 32
+    assert isinstance(eval_rows[1]["sample"], str) and eval_rows[1]["sample"].startswith("a")
+    assert summary["step"] == 24 and summary["val_loss"] == eval_rows[1]["val_loss"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+def test_meshes_and_grad_accumulation_give_the_same_losses(shards, tmp_path):
+    runs = {
+        "8x1x1": dict(),
+        "2x4x1": {"mesh.data": 2, "mesh.fsdp": 4},
+        "2x2x2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+        "2x2x2 accum 2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "grad_accum": 2},
+    }
+    losses = {}
+    for name, overrides in runs.items():
+        workdir = str(tmp_path / name.replace(" ", "_"))
+        train.train_and_evaluate(tiny(shards, total_steps=5, **overrides), workdir)
+        losses[name] = _losses(workdir)
+    reference = losses["8x1x1"]
+    assert len(reference) == 5 and reference[-1] < reference[0] - 0.1
+    for name, values in losses.items():
+        np.testing.assert_allclose(values, reference, rtol=2e-5, err_msg=name)
+
+
+# --- against torch -------------------------------------------------------------------------
+
+
+def _torch_losses(hf_dir, batches, grad_accum, schedule, c):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    model.train()  # dropout is 0: train mode changes nothing but is what a trainer runs
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(schedule(s)) / c.lr)
+    losses = []
+    for batch in batches:
+        opt.zero_grad()
+        total = 0.0
+        for a in range(grad_accum):  # microbatch a = rows a, a + A, a + 2A, ... as in split_microbatches
+            x = torch.as_tensor(batch["inputs"][a::grad_accum], dtype=torch.long)
+            y = torch.as_tensor(batch["targets"][a::grad_accum], dtype=torch.long)
+            logits = model(x).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            (loss / grad_accum).backward()
+            total += loss.item() / grad_accum
+        torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(total)
+    return np.array(losses)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_losses_match_torch_adamw_on_transformers_gpt2(shards, tmp_path, grad_accum):
+    """Same initial weights (our init exported with hf.save_hf, loaded by both), the same
+    batches (the trainer's data iterator replayed), AdamW + clipping + warmup/cosine on both
+    sides: per-step losses agree within 1e-4 relative for 10 steps in float32."""
+    hf_dir = str(tmp_path / "init")
+    config = GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2, n_head=4)
+    hf.save_hf(hf_dir, config, jax.device_get(init_params(config, jax.random.key(7))))
+    c = tiny(shards, total_steps=10, warmup_steps=3, lr=1e-2, weight_decay=0.1, grad_clip=1.0,
+             grad_accum=grad_accum, init_from=f"hf:{hf_dir}", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    ours = _losses(tmp_path / "run")
+
+    it = make_train_iterator(c.data.path, block_size=c.model.block_size, global_batch_size=c.batch_size,
+                             seed=c.seed, vocab_size=VOCAB)
+    batches = [next(it) for _ in range(10)]
+    schedule = optim.lr_schedule(c.lr, c.total_steps, c.warmup_steps, c.min_lr_ratio)
+    theirs = _torch_losses(hf_dir, batches, grad_accum, schedule, c)
+
+    assert len(ours) == 10
+    assert theirs[-1] < theirs[0] - 0.5  # the optimizer did real work
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+
+
+# --- the step functions --------------------------------------------------------------------
+
+
+def _setup(dropout=0.1, mesh_shape=(8, 1, 1)):
+    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=1, n_head=2, dropout=dropout)
+    lr = optim.lr_schedule(1e-2, 10, 2)
+    model, tx = GPT2(config), optim.make_optimizer(lr)
+    mesh = sharding.make_mesh(mesh_shape)
+    _, specs = steps.abstract_state(model, tx, lr, seed=3)
+    shardings = sharding.logical_to_shardings(specs, mesh, sharding.DEFAULT_RULES)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(8, 17))
+    batch = {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)}
+    step = jax.jit(steps.train_step, donate_argnums=0)
+    return model, tx, lr, mesh, shardings, batch, step
+
+
+def test_resumed_state_continues_bit_for_bit_with_dropout():
+    model, tx, lr, mesh, shardings, batch, step = _setup()
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        state = steps.init_state(model, tx, lr, 3, shardings)
+        for _ in range(3):
+            state, m = step(state, batch)
+        straight = jax.device_get(state.params)
+
+        state = steps.init_state(model, tx, lr, 3, shardings)
+        state, _ = step(state, batch)
+        state, _ = step(state, batch)
+        saved = jax.device_get(state)  # host copies: what a checkpoint holds
+        resumed, _ = step(jax.device_put(saved, shardings), batch)
+    for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(jax.device_get(resumed.params))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_dropout_differs_between_steps_and_is_off_in_eval():
+    model, _, _, mesh, _, batch, _ = _setup()
+    zero = lambda s: 0.0  # noqa: E731  (lr 0: the parameters never change)
+    frozen = optim.make_optimizer(zero)
+    _, specs = steps.abstract_state(model, frozen, zero)
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        state = steps.init_state(model, frozen, zero, 3, sharding.logical_to_shardings(specs, mesh, sharding.DEFAULT_RULES))
+        losses = []
+        for _ in range(2):
+            state, m = jax.jit(steps.train_step)(state, batch)
+            losses.append(float(m["loss"]))
+        eval_loss = float(jax.jit(steps.eval_step)(state, batch)["loss"])
+        eval_again = float(jax.jit(steps.eval_step)(state, batch)["loss"])
+    assert losses[0] != losses[1]  # a new dropout mask each step
+    assert eval_loss == eval_again and eval_loss not in losses
+
+
+def test_microbatched_step_equals_the_whole_batch_step():
+    model, tx, lr, mesh, shardings, batch, step = _setup(dropout=0.0)
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        whole, m1 = step(steps.init_state(model, tx, lr, 3, shardings), batch)
+        split, m2 = step(steps.init_state(model, tx, lr, 3, shardings), steps.split_microbatches(batch, 4))
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
+    assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(whole.params), jax.tree_util.tree_leaves(split.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_split_microbatches_interleaves_rows():
+    batch = {"inputs": np.arange(12).reshape(6, 2)}
+    out = steps.split_microbatches(batch, 3)["inputs"]
+    assert out.shape == (3, 2, 2)
+    np.testing.assert_array_equal(out[1], [[2, 3], [8, 9]])  # rows 1 and 4
+
+
+# --- invalid configs -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def not_hf(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("not_hf"))
+
+
+INVALID = [
+    ({"model.n_embd": 65}, "model.n_embd (65) must be divisible by model.n_head (4)"),
+    ({"model.block_size": 256}, "model.block_size (256) exceeds the model's 128 positions"),
+    ({"batch_size": 12}, "divisible by the 8 data-parallel devices"),
+    ({"batch_size": 16, "grad_accum": 3}, "batch_size (16) must be divisible by grad_accum (3)"),
+    ({"batch_size": 16, "grad_accum": 4}, "4 sequences per microbatch must be divisible by the 8 data-parallel"),
+    ({"eval_batch_size": 4, "eval_every": 5}, "eval_batch_size (4) must be divisible by the 8"),
+    ({"mesh.data": 3}, "mesh data x fsdp x tensor = 3 x 1 x 1 = 3 but there are 8 devices"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "only one mesh axis may be -1"),
+    ({"mesh.tensor": 8, "model.vocab_size": 50257, "model.vocab_pad_multiple": 1}, "cannot shard wte (50257, 64)"),
+    ({"mesh.rules": (("embed", "model"),)}, "names no mesh axis"),
+    ({"data.path": ""}, "data.path is empty"),
+    ({"data.path": "/nonexistent/shards"}, "is not a folder"),
+    ({"data.path": "", "data.bundled": "poe"}, "data.bundled must be one of"),
+    ({"init_from": "gpt2"}, "init_from must be 'scratch' or 'hf:PATH'"),
+    ({"init_from": "hf:/nonexistent/gpt2"}, "is not a folder"),
+    ({"init_from": "hf:NOT_HF"}, "not a Hugging Face model folder"),
+    ({"dtype": "float16"}, "dtype must be 'float32' or 'bfloat16'"),
+    ({"model.remat": "some"}, "remat must be one of"),
+    ({"warmup_steps": 50, "total_steps": 10}, "warmup_steps (50) exceeds the 10 training steps"),
+    ({"lr": 0.0}, "lr must be > 0"),
+    ({"total_steps": 0}, "total_steps must be >= 1"),
+    ({"sample.length": 200}, "exceed the model's 128 positions"),
+    ({"model.dropout": 1.0}, "model.dropout must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", INVALID, ids=[m[:40] for _, m in INVALID])
+def test_invalid_configs_are_refused_with_one_line(shards, not_hf, overrides, message):
+    overrides = {k: (v.replace("NOT_HF", not_hf) if isinstance(v, str) else v) for k, v in overrides.items()}
+    config = tiny(shards, **overrides)
+    with pytest.raises(train.ConfigError) as e:
+        train.plan(config)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_validation_split_is_refused_when_evaluating(tmp_path):
+    _write_shard(tmp_path / "train_000000.bin", _markov_tokens(2_000, 0))
+    with pytest.raises(train.ConfigError, match="no val shards .* set --config.eval_every=0"):
+        train.plan(tiny(str(tmp_path), eval_every=5))
+    assert train.plan(tiny(str(tmp_path), eval_every=0)).total_steps == 12
+
+
+def test_num_epochs_sets_the_step_count(shards):
+    windows = (40_000 - 1) // 32
+    p = train.plan(tiny(shards, num_epochs=2.0))
+    assert p.windows_per_epoch == windows and p.total_steps == -(-2 * windows // 16)
+
+
+def test_refusal_comes_before_anything_compiles(shards, tmp_path, monkeypatch):
+    def no_jit(*args, **kwargs):
+        raise AssertionError("compiled before the config was checked")
+
+    monkeypatch.setattr(jax, "jit", no_jit)
+    with pytest.raises(train.ConfigError, match="cannot shard"):
+        train.train_and_evaluate(tiny(shards, **{"mesh.tensor": 8, "model.vocab_size": 50257, "model.vocab_pad_multiple": 1}), str(tmp_path))
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def _cli(*args, devices=1):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.run([sys.executable, "-m", "gpt2_jax.train", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+def test_cli_trains_and_refuses_bad_configs_with_one_line(shards, tmp_path):
+    common = ["--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), f"--config.data.path={shards}",
+              "--config.model.vocab_size=512", "--config.model.block_size=32", "--config.progress_bar=False"]
+    ok = _cli(*common, "--config.total_steps=3", "--config.warmup_steps=1", "--config.eval_every=3",
+              "--config.sample.length=4")
+    assert ok.returncode == 0, ok.stderr
+    train_rows, eval_rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in train_rows] == [1, 3] and [r["step"] for r in eval_rows] == [3]
+    assert "val_loss" in ok.stdout
+
+    for extra, message in [
+        (["--config.model.n_head=5"], "error: model.n_embd (64) must be divisible by model.n_head (5)"),
+        (["--config.model.n_layers=3"], "error: unknown config key 'model.n_layers' (--config.model.n_layers); did you mean model.n_layer?"),
+        (["--config.batch_size=abc"], "error: flag --config.batch_size=abc: invalid literal for int()"),
+    ]:
+        bad = _cli(*common, *extra)
+        assert bad.returncode == 2
+        assert bad.stderr.strip().startswith(message), bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    missing = _cli("--config", "configs/tiny.py")
+    assert missing.returncode == 2 and missing.stderr.strip() == "error: --workdir DIR is required"
