@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.vocab_pad_multiple = 128  # 50257 -> 50304: faster matmuls, divisible by mesh axes
     c.model.remat = "none"  # 'none' | 'full' | 'dots_saveable'
     c.model.attention = "xla"  # 'xla' | 'cudnn'
+    c.model.loss_chunk = 0  # > 0: compute the loss over chunks of this many positions (no full f32 logits)
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # folder of train_*.bin / val_*.bin token shards (gpt2_jax.prepare)
@@ -60,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.seed = 0
     c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (parameters stay float32)
-    c.init_from = "scratch"  # 'scratch' | 'hf:PATH' (a Hugging Face GPT-2 folder)
+    c.init_from = "scratch"  # 'scratch' | 'hf:PATH' (a Hugging Face GPT-2 folder) | 'workdir:DIR'
+    c.max_bad_steps = 0  # non-finite loss/gradient steps skipped (update not applied) before stopping; 0 = stop at the first
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -73,6 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.length = 64  # new tokens; 0 = no samples
     c.sample.temperature = 0.8  # 0 = greedy
     c.sample.top_k = 200  # 0 = off
+
+    c.rouge = ml_collections.ConfigDict()  # summarisation fine-tuning: ROUGE at each evaluation
+    c.rouge.path = ""  # jsonl of held-out {prompt, completion} rows; '' = off
+    c.rouge.examples = 32  # first N rows
+    c.rouge.max_new_tokens = 64  # greedy completion length
 
     c.peak_flops = 0.0  # per device (per process on CPU) for MFU; 0 = from the device table
     c.progress_bar = True
