@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gpt2_jax import train
+from gpt2_jax import plan as plan_lib, train
 from gpt2_jax.prepare import HEADER_WORDS, MAGIC, VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_config_has_the_contract_keys_and_is_locked(name):
 def test_every_config_passes_the_trainers_checks_on_8_devices(name, shards):
     c = load(name)
     c.data.path = shards
-    p = train.plan(c)
+    p = plan_lib.plan(c)
     assert p.mesh.size == 8 and p.total_steps == c.total_steps
     assert p.model.n_layer == c.model.n_layer and p.model.n_embd == c.model.n_embd
 
@@ -105,7 +105,7 @@ def test_shakespeare_quick_argument_and_bundled_corpus():
 
 def test_bundled_corpus_is_prepared_when_data_path_is_empty(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_JAX_CACHE", str(tmp_path))
-    p = train.plan(load("tiny"))
+    p = plan_lib.plan(load("tiny"))
     assert p.data_path == os.path.join(str(tmp_path), "shakespeare")
     assert p.windows_per_epoch > 10_000
 

@@ -12,7 +12,6 @@ from gpt2_jax import generate
 from gpt2_jax.checkpoint import Checkpoints
 from gpt2_jax.cli import run
 from gpt2_jax.hf import load_hf
-from gpt2_jax.model import GPT2
 from gpt2_jax.sampling import Sampler, SamplingConfig
 from gpt2_jax.steps import TrainState
 from gpt2_jax.tokenizer import get_tokenizer

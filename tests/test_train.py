@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import hf, optim, sharding, steps, train
+from gpt2_jax import hf, optim, plan as plan_lib, sharding, steps, train
 from gpt2_jax.data import make_train_iterator
 from gpt2_jax.model import GPT2, GPT2Config, init_params
 from gpt2_jax.prepare import HEADER_WORDS, MAGIC, VERSION
@@ -300,22 +300,22 @@ INVALID = [
 def test_invalid_configs_are_refused_with_one_line(shards, not_hf, overrides, message):
     overrides = {k: (v.replace("NOT_HF", not_hf) if isinstance(v, str) else v) for k, v in overrides.items()}
     config = tiny(shards, **overrides)
-    with pytest.raises(train.ConfigError) as e:
-        train.plan(config)
+    with pytest.raises(plan_lib.ConfigError) as e:
+        plan_lib.plan(config)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_missing_validation_split_is_refused_when_evaluating(tmp_path):
     _write_shard(tmp_path / "train_000000.bin", _markov_tokens(2_000, 0))
-    with pytest.raises(train.ConfigError, match="no val shards .* set --config.eval_every=0"):
-        train.plan(tiny(str(tmp_path), eval_every=5))
-    assert train.plan(tiny(str(tmp_path), eval_every=0)).total_steps == 12
+    with pytest.raises(plan_lib.ConfigError, match="no val shards .* set --config.eval_every=0"):
+        plan_lib.plan(tiny(str(tmp_path), eval_every=5))
+    assert plan_lib.plan(tiny(str(tmp_path), eval_every=0)).total_steps == 12
 
 
 def test_num_epochs_sets_the_step_count(shards):
     windows = (40_000 - 1) // 32
-    p = train.plan(tiny(shards, num_epochs=2.0))
+    p = plan_lib.plan(tiny(shards, num_epochs=2.0))
     assert p.windows_per_epoch == windows and p.total_steps == -(-2 * windows // 16)
 
 
@@ -324,7 +324,7 @@ def test_refusal_comes_before_anything_compiles(shards, tmp_path, monkeypatch):
         raise AssertionError("compiled before the config was checked")
 
     monkeypatch.setattr(jax, "jit", no_jit)
-    with pytest.raises(train.ConfigError, match="cannot shard"):
+    with pytest.raises(plan_lib.ConfigError, match="cannot shard"):
         train.train_and_evaluate(tiny(shards, **{"mesh.tensor": 8, "model.vocab_size": 50257, "model.vocab_pad_multiple": 1}), str(tmp_path))
     assert not os.path.exists(tmp_path / "metrics.jsonl")
 

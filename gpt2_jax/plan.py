@@ -1,0 +1,219 @@
+"""Config -> Plan: every check on a training config, done before anything is compiled.
+
+A config the trainer cannot run raises ConfigError naming the first problem; the CLI prints it
+as one `error: ...` line and exits 2. Reads only small files (HF config.json, shard headers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import ml_collections
+
+from gpt2_jax import data as data_lib
+from gpt2_jax import hf, optim, sharding, steps
+from gpt2_jax.model import GPT2, GPT2Config
+from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+
+BUNDLED = ("shakespeare",)
+# GPT2Config fields that come from the training config even when the shape comes from init_from.
+COMPUTE_FIELDS = ("dropout", "dtype", "remat", "attention", "vocab_pad_multiple")
+
+
+class ConfigError(ValueError):
+    """A config the trainer refuses; main() prints it as one `error: ...` line and exits 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run does, derived from the config and checked before anything is compiled."""
+
+    model: GPT2Config
+    block_size: int
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    data_path: str
+    hf_path: str | None  # init_from='hf:PATH'
+    total_steps: int
+    windows_per_epoch: int  # training windows of block_size tokens in one epoch
+    eval_batch_size: int
+    prompt: tuple  # token ids that samples continue
+
+
+# --- config -> plan ----------------------------------------------------------------------------
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_ranges(c: ml_collections.ConfigDict) -> None:
+    _require(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")
+    _require(c.grad_accum >= 1, f"grad_accum must be >= 1, got {c.grad_accum}")
+    _require(c.total_steps >= 1 or c.num_epochs > 0, f"total_steps must be >= 1 (or set num_epochs), got {c.total_steps}")
+    _require(c.num_epochs >= 0, f"num_epochs must be >= 0, got {c.num_epochs}")
+    _require(c.lr > 0, f"lr must be > 0, got {c.lr}")
+    _require(0 <= c.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {c.min_lr_ratio}")
+    _require(c.warmup_steps >= 0, f"warmup_steps must be >= 0, got {c.warmup_steps}")
+    _require(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
+    _require(0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {c.beta1}, {c.beta2}")
+    _require(c.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {c.grad_clip}")
+    _require(c.log_every >= 1, f"log_every must be >= 1, got {c.log_every}")
+    _require(c.eval_every >= 0, f"eval_every must be >= 0 (0 = no evaluation), got {c.eval_every}")
+    _require(c.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {c.checkpoint_every}")
+    _require(c.eval_batch_size >= 0, f"eval_batch_size must be >= 0 (0 = batch_size / grad_accum), got {c.eval_batch_size}")
+    _require(0 <= c.model.dropout < 1, f"model.dropout must be in [0, 1), got {c.model.dropout}")
+    _require(c.model.block_size >= 1, f"model.block_size must be >= 1, got {c.model.block_size}")
+    _require(c.sample.length >= 0, f"sample.length must be >= 0 (0 = no samples), got {c.sample.length}")
+    _require(c.sample.temperature >= 0, f"sample.temperature must be >= 0 (0 = greedy), got {c.sample.temperature}")
+    _require(c.sample.top_k >= 0, f"sample.top_k must be >= 0 (0 = off), got {c.sample.top_k}")
+    _require(c.peak_flops >= 0, f"peak_flops must be >= 0 (0 = from the device table), got {c.peak_flops}")
+
+
+def _hf_path(init_from: str) -> str | None:
+    if init_from == "scratch":
+        return None
+    _require(init_from.startswith("hf:") and len(init_from) > 3,
+             f"init_from must be 'scratch' or 'hf:PATH', got {init_from!r}")  # fmt: skip
+    path = os.path.expanduser(init_from[3:])
+    _require(os.path.isdir(path), f"init_from {init_from!r}: {path} is not a folder; download a model first, "
+             "e.g. huggingface-cli download gpt2 --local-dir PATH")  # fmt: skip
+    return path
+
+
+def _model_config(c: ml_collections.ConfigDict, hf_path: str | None) -> GPT2Config:
+    """GPT2Config from the config's model keys, or (init_from hf) the checkpoint's shape with the
+    config's compute settings (dtype, dropout, remat, attention, vocab padding)."""
+    m = c.model
+    compute = dict(dropout=m.dropout, dtype=c.dtype, remat=m.remat, attention=m.attention,
+                   vocab_pad_multiple=m.vocab_pad_multiple)  # fmt: skip
+    try:
+        if hf_path is None:
+            _require(m.n_head >= 1 and m.n_embd % m.n_head == 0,
+                     f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")  # fmt: skip
+            return GPT2Config(vocab_size=m.vocab_size, n_positions=m.n_positions, n_embd=m.n_embd,
+                              n_layer=m.n_layer, n_head=m.n_head, **compute)  # fmt: skip
+        return _hf_config(hf_path, **compute)
+    except hf.HFFormatError as e:
+        raise ConfigError(f"init_from {c.init_from!r}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _hf_config(path: str, **overrides) -> GPT2Config:
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            return hf.config_from_hf(json.load(f), **overrides)
+    except OSError:
+        raise hf.HFFormatError(f"{path} is not a Hugging Face model folder: no readable config.json") from None
+    except json.JSONDecodeError as e:
+        raise hf.HFFormatError(f"{file} is not valid JSON: {e}") from None
+
+
+def _mesh(c: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, tuple]:
+    try:
+        shape = sharding.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, jax.device_count())
+        rules = sharding.logical_rules(tuple(tuple(r) for r in c.mesh.rules))
+    except (sharding.MeshError, TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    return sharding.make_mesh(shape), rules
+
+
+def _check_batch(c: ml_collections.ConfigDict, mesh, rules) -> int:
+    """Checks that every microbatch splits evenly over the data-parallel devices; returns the
+    evaluation batch size."""
+    dp = sharding.data_parallel_size(mesh, rules)
+    B, A = c.batch_size, c.grad_accum
+    _require(B % A == 0, f"batch_size ({B}) must be divisible by grad_accum ({A})")
+    _require((B // A) % dp == 0,
+             f"batch_size / grad_accum = {B // A} sequences per microbatch must be divisible by the {dp} "
+             f"data-parallel devices (mesh data x fsdp); change batch_size, grad_accum or the mesh")  # fmt: skip
+    eval_bs = c.eval_batch_size or B // A
+    _require(eval_bs % dp == 0, f"eval_batch_size ({eval_bs}) must be divisible by the {dp} data-parallel devices")
+    return eval_bs
+
+
+def _data_path(c: ml_collections.ConfigDict) -> str:
+    if c.data.path:
+        return os.path.expanduser(c.data.path)
+    _require(c.data.bundled in BUNDLED or not c.data.bundled,
+             f"data.bundled must be one of {BUNDLED} or '', got {c.data.bundled!r}")  # fmt: skip
+    _require(bool(c.data.bundled), "data.path is empty: set --config.data.path=DIR, a folder of token shards "
+             "made with python -m gpt2_jax.prepare")  # fmt: skip
+    from gpt2_jax import corpus
+
+    return corpus.shakespeare_path()
+
+
+def _count_windows(path: str, block_size: int, split: str) -> int:
+    try:
+        return data_lib.num_windows(path, block_size, split)
+    except data_lib.DataError as e:
+        hint = "; set --config.eval_every=0 to train without evaluation" if split == "val" else ""
+        raise ConfigError(f"{e}{hint}") from None
+
+
+def _total_steps(c: ml_collections.ConfigDict, windows: int) -> int:
+    if c.num_epochs > 0:
+        return max(1, math.ceil(c.num_epochs * windows / c.batch_size))
+    return c.total_steps
+
+
+def _prompt(c: ml_collections.ConfigDict, model: GPT2Config) -> tuple:
+    if not c.sample.length:
+        return ()
+    tokens = (EOT_ID, *get_tokenizer().encode(c.sample.prompt, allowed_special="all"))
+    _require(len(tokens) + c.sample.length <= model.n_positions,
+             f"sample prompt ({len(tokens)} tokens) + sample.length ({c.sample.length}) exceed the model's "
+             f"{model.n_positions} positions")  # fmt: skip
+    return tokens
+
+
+def _check_shardings(model: GPT2Config, mesh, rules) -> None:
+    abstract, specs = steps.abstract_state(GPT2(model), optim.make_optimizer(lambda s: 0.0), lambda s: 0.0)
+    problems = sharding.indivisible(abstract.params, sharding.logical_to_shardings(specs.params, mesh, rules))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"the mesh {dict(mesh.shape)} cannot shard {problems[0]}{more}; change the mesh "
+                          "(or model.vocab_pad_multiple for the vocabulary)")
+
+
+def plan(c: ml_collections.ConfigDict, data: bool = True) -> Plan:
+    """Check `c` and derive the run from it; ConfigError names the first problem. Reads only
+    small files (HF config.json, shard headers); compiles nothing. data=False (bench, dry runs)
+    skips the data: data_path is '', windows_per_epoch 0 and total_steps c.total_steps."""
+    _check_ranges(c)
+    _require(c.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
+    hf_path = _hf_path(c.init_from)
+    model = _model_config(c, hf_path)
+    _require(c.model.block_size <= model.n_positions,
+             f"model.block_size ({c.model.block_size}) exceeds the model's {model.n_positions} positions"
+             + (" (from init_from)" if hf_path else " (model.n_positions)"))  # fmt: skip
+    mesh, rules = _mesh(c)
+    eval_batch_size = _check_batch(c, mesh, rules)
+    _check_shardings(model, mesh, rules)
+    if c.wandb.project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("wandb.project is set but wandb is not installed: pip install 'gpt2_jax[wandb]'") from None
+    prompt = _prompt(c, model)
+    path, windows, total = "", 0, c.total_steps
+    if data:
+        path = _data_path(c)
+        windows = _count_windows(path, c.model.block_size, "train")
+        if c.eval_every:
+            _count_windows(path, c.model.block_size, "val")
+        total = _total_steps(c, windows)
+    _require(c.warmup_steps <= total, f"warmup_steps ({c.warmup_steps}) exceeds the {total} training steps")
+    return Plan(model=model, block_size=c.model.block_size, mesh=mesh, rules=rules, data_path=path,
+                hf_path=hf_path, total_steps=total, windows_per_epoch=windows,
+                eval_batch_size=eval_batch_size, prompt=prompt)  # fmt: skip
+
+
