@@ -42,6 +42,7 @@ class GPT2Config:
     attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
     remat: Literal["none", "full", "dots_saveable"] = "none"
     vocab_pad_multiple: int = 1  # 128 pads 50257 -> 50304 for faster matmuls
+    loss_chunk: int = 0  # > 0: the loss computes logits this many positions at a time (see chunked_loss_sums)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -54,6 +55,8 @@ class GPT2Config:
             raise ValueError(f"attention must be 'xla' or 'cudnn', not {self.attention!r}")
         if self.vocab_pad_multiple < 1:
             raise ValueError("vocab_pad_multiple must be >= 1")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0 (0 = whole sequence at once), not {self.loss_chunk}")
 
     @property
     def head_dim(self) -> int:
@@ -228,12 +231,14 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
     """GPT-2 language model: int32 tokens (B, T) -> float32 logits (B, T, padded_vocab_size).
-    `decode=True` continues from the KV cache in the mutable 'cache' collection (see init_cache)."""
+    `decode=True` continues from the KV cache in the mutable 'cache' collection (see init_cache).
+    `return_hidden=True` stops before the LM head: the final hidden states (B, T, D) after ln_f,
+    in the compute dtype (the chunked loss applies the head itself, a piece at a time)."""
 
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, tokens, deterministic: bool = True, decode: bool = False):
+    def __call__(self, tokens, deterministic: bool = True, decode: bool = False, return_hidden: bool = False):
         cfg = self.config
         B, T = tokens.shape
         wte = self.param("wte", _padded_normal(cfg), (cfg.padded_vocab_size, cfg.n_embd))
@@ -251,11 +256,17 @@ class GPT2(nn.Module):
         for i in range(cfg.n_layer):
             x = block(cfg, name=f"h_{i}")(x, deterministic, decode)
         x = _layer_norm(cfg, "ln_f")(x)
-        logits = jnp.einsum(
-            "btd,vd->btv", x, wte.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
-        )  # (B, T, V) float32: the LM head is tied to wte
-        logits = nn.with_logical_constraint(logits, (BATCH, LENGTH, ACT_VOCAB))
-        return _mask_vocab_padding(logits, cfg)
+        if return_hidden:
+            return x
+        return lm_head(x, wte, cfg)
+
+
+def lm_head(x, wte, cfg: GPT2Config):
+    """(B, T, D) hidden states -> float32 logits (B, T, padded V), padding columns masked: the
+    LM head is tied to wte."""
+    logits = jnp.einsum("btd,vd->btv", x, wte.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    logits = nn.with_logical_constraint(logits, (BATCH, LENGTH, ACT_VOCAB))
+    return _mask_vocab_padding(logits, cfg)
 
 
 def _padded_normal(cfg: GPT2Config):
@@ -275,22 +286,73 @@ def _mask_vocab_padding(logits, cfg: GPT2Config):
     return jnp.where(is_pad, jnp.finfo(jnp.float32).min, logits)
 
 
-def cross_entropy(logits, targets, weights=None):
-    """Mean next-token loss in float32. logits (B, T, V), targets int (B, T), weights (B, T)."""
+def cross_entropy_sums(logits, targets, weights=None):
+    """(sum of weights x next-token NLL, sum of weights) in float32; no weights: all 1."""
     logits = logits.astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = logz - target_logit
     if weights is None:
-        return nll.mean()
+        return nll.sum(), jnp.asarray(nll.size, jnp.float32)
     weights = weights.astype(jnp.float32)
-    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    return (nll * weights).sum(), weights.sum()
+
+
+def _mean(sums):
+    total, count = sums
+    return total / jnp.maximum(count, 1.0)  # all weights 0: loss 0 rather than NaN
+
+
+def cross_entropy(logits, targets, weights=None):
+    """Mean next-token loss in float32. logits (B, T, V), targets int (B, T), weights (B, T)."""
+    return _mean(cross_entropy_sums(logits, targets, weights))
+
+
+def chunked_loss_sums(hidden, wte, targets, weights, cfg: GPT2Config):
+    """cross_entropy_sums(lm_head(hidden, wte, cfg), targets, weights), computed cfg.loss_chunk
+    positions at a time, so float32 logits exist for one chunk of (B, loss_chunk) positions
+    only. Each chunk is rematerialised in the backward pass (one extra head matmul, 2·V·D
+    FLOPs per token) rather than keeping its logits. A sequence that does not divide into
+    chunks is padded with weight-0 positions."""
+    B, T, D = hidden.shape
+    C = min(cfg.loss_chunk, T)
+    n = -(-T // C)
+    weights = jnp.ones((B, T), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    count = weights.sum()
+    if n * C != T:
+        pad = ((0, 0), (0, n * C - T))
+        hidden = jnp.pad(hidden, pad + ((0, 0),))
+        targets, weights = jnp.pad(targets, pad), jnp.pad(weights, pad)
+
+    def chunks(x):  # (B, n*C, ...) -> (n, B, C, ...)
+        return jnp.swapaxes(x.reshape(B, n, C, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_sum(h, y, w):
+        return cross_entropy_sums(lm_head(h, wte, cfg), y, w)[0]
+
+    def body(total, xs):
+        return total + chunk_sum(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (chunks(hidden), chunks(targets), chunks(weights)))
+    return total, count
+
+
+def loss_sums(model: GPT2, params, inputs, targets, weights=None, *, deterministic=True, rngs=None):
+    """(sum of weights x NLL, sum of weights) of `model` on one batch: through full logits, or
+    chunk by chunk when model.config.loss_chunk > 0 (same value, less memory)."""
+    cfg = model.config
+    variables = {"params": params}
+    if cfg.loss_chunk > 0:
+        hidden = model.apply(variables, inputs, deterministic=deterministic, rngs=rngs, return_hidden=True)
+        return chunked_loss_sums(hidden, params["wte"], targets, weights, cfg)
+    logits = model.apply(variables, inputs, deterministic=deterministic, rngs=rngs)
+    return cross_entropy_sums(logits, targets, weights)
 
 
 def loss_fn(model: GPT2, params, inputs, targets, weights=None, *, deterministic=True, rngs=None):
-    """Mean next-token cross-entropy of `model` with `params` on one batch."""
-    logits = model.apply({"params": params}, inputs, deterministic=deterministic, rngs=rngs)
-    return cross_entropy(logits, targets, weights)
+    """Mean (or weighted mean) next-token cross-entropy of `model` with `params` on one batch."""
+    return _mean(loss_sums(model, params, inputs, targets, weights, deterministic=deterministic, rngs=rngs))
 
 
 def abstract_params(config: GPT2Config, boxed: bool = False):

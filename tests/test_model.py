@@ -187,6 +187,7 @@ def test_every_parameter_has_logical_axis_names_of_its_rank():
     (dict(dtype="float16"), "dtype"),
     (dict(remat="sometimes"), "remat"),
     (dict(attention="flash"), "attention"),
+    (dict(loss_chunk=-1), "loss_chunk"),
 ])
 def test_invalid_configs_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -216,3 +217,62 @@ def test_kv_cache_decoding_matches_the_full_forward(dtype):
         pieces.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5 if dtype == "float32" else 2e-2)
     assert int(state["cache"]["h_0"]["attn"]["index"]) == 20
+
+
+# --- the chunked loss: same loss and gradients as the full logits, less memory ------------------
+
+
+@pytest.mark.parametrize("chunk, pad, weighted, dtype", [
+    (8, 1, False, "float32"),  # 24 positions = 3 whole chunks
+    (5, 1, True, "float32"),  # remainder chunk (24 = 4 x 5 + 4), weights
+    (7, 128, True, "float32"),  # remainder, padded vocabulary (masked columns), weights
+    (64, 128, False, "float32"),  # one chunk longer than the sequence
+    (8, 128, True, "bfloat16"),
+])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(chunk, pad, weighted, dtype):
+    plain = _tiny(vocab_pad_multiple=pad, dtype=dtype)
+    chunked = plain.replace(loss_chunk=chunk)
+    params = init_params(plain, jax.random.key(0))
+    # a large-ish embedding so that logits (and the padded columns' mask) matter
+    params = dict(params, wte=params["wte"] * 20)
+    tokens = jnp.asarray(_random_tokens((3, 24)))
+    targets = jnp.asarray(_random_tokens((3, 24), seed=5))
+    weights = jnp.asarray(np.random.RandomState(0).rand(3, 24) > 0.4, jnp.float32) if weighted else None
+
+    def value_and_grad(config):
+        f = lambda p: loss_fn(GPT2(config), p, tokens, targets, weights)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    (la, ga), (lb, gb) = value_and_grad(plain), value_and_grad(chunked)
+    assert float(la) > 1.0
+    rtol = 1e-6 if dtype == "float32" else 1e-3  # the same bf16 matmuls, summed in another order
+    np.testing.assert_allclose(float(lb), float(la), rtol=rtol)
+    for path, a in jax.tree_util.tree_leaves_with_path(ga):
+        b = dict(jax.tree_util.tree_leaves_with_path(gb))[path]
+        scale = np.abs(np.asarray(a)).max()
+        assert scale > 0, path
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=(1e-5 if dtype == "float32" else 2e-2) * scale)
+
+
+def test_chunked_loss_never_materialises_the_whole_logits():
+    # the compiled loss+gradient holds no (B, T, V) float32 array, only (B, chunk, V) ones
+    config = _tiny(loss_chunk=4)
+    params = init_params(config, jax.random.key(0))
+    tokens = targets = jnp.zeros((2, 32), jnp.int32)
+    grad = jax.jit(jax.grad(lambda p: loss_fn(GPT2(config), p, tokens, targets)))
+    hlo = grad.lower(params).compile().as_text()
+    assert "f32[2,32,50257]" not in hlo and "f32[2,4,50257]" in hlo
+    plain = jax.jit(jax.grad(lambda p: loss_fn(GPT2(config.replace(loss_chunk=0)), p, tokens, targets)))
+    assert "f32[2,32,50257]" in plain.lower(params).compile().as_text()
+
+
+def test_hidden_states_through_the_head_are_the_logits():
+    from gpt2_jax.model import lm_head
+
+    config = _tiny(vocab_pad_multiple=128)
+    params = init_params(config, jax.random.key(0))
+    tokens = jnp.asarray(_random_tokens((2, 16)))
+    hidden = GPT2(config).apply({"params": params}, tokens, return_hidden=True)
+    assert hidden.shape == (2, 16, config.n_embd)
+    logits = GPT2(config).apply({"params": params}, tokens)
+    np.testing.assert_array_equal(np.asarray(lm_head(hidden, params["wte"], config)), np.asarray(logits))
