@@ -3,7 +3,10 @@
 A TrainState holds everything a run needs to continue exactly (step, params, optimizer state,
 dropout key); the model, optimizer and schedule ride along as static fields rebuilt from the
 config. Batches are dicts of int32 "inputs" / "targets": (B, T), or (grad_accum, B / grad_accum, T)
-to accumulate gradients over microbatches inside one step (see split_microbatches).
+to accumulate gradients over microbatches inside one step (see split_microbatches), and
+optionally float32 "weights" of the targets' shape (e.g. 0 on prompt tokens when fine-tuning).
+A step's loss is the weighted mean over every target of the step, sum(w * nll) / sum(w),
+whatever the microbatching: its gradient is the gradient of that one mean.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from gpt2_jax.model import GPT2, cross_entropy
+from gpt2_jax.model import GPT2, cross_entropy_sums, loss_sums
 
 
 class TrainState(train_state.TrainState):
@@ -88,39 +91,57 @@ def split_microbatches(batch: dict, grad_accum: int) -> dict:
     return {k: split(np.asarray(v)) for k, v in batch.items()}
 
 
-def _as_microbatches(batch: dict) -> tuple[jax.Array, jax.Array]:
-    inputs, targets = batch["inputs"], batch["targets"]
+def _as_microbatches(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    inputs, targets, weights = batch["inputs"], batch["targets"], batch.get("weights")
     if inputs.ndim == 2:
-        return inputs[None], targets[None]
-    return inputs, targets
+        return inputs[None], targets[None], None if weights is None else weights[None]
+    return inputs, targets, weights
+
+
+def _loss_sums(apply_fn, params, inputs, targets, weights, **kw):
+    """(sum of w x NLL, sum of w) through model.loss_sums (which honours loss_chunk) when
+    apply_fn is a GPT2's apply; through its full logits otherwise."""
+    model = getattr(apply_fn, "__self__", None)
+    if isinstance(model, GPT2):
+        return loss_sums(model, params, inputs, targets, weights, **kw)
+    logits = apply_fn({"params": params}, inputs, **kw)
+    return cross_entropy_sums(logits, targets, weights)
 
 
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    """One optimizer update from the mean gradient over all microbatches of `batch`.
-    Returns the new state and float32 metrics (loss before the update, lr, grad_norm)."""
-    inputs, targets = _as_microbatches(batch)
+    """One optimizer update from the gradient of the step's (weighted) mean loss over all its
+    microbatches. Returns the new state and float32 metrics: loss (before the update), lr,
+    grad_norm and tokens (the sum of the weights: target tokens without weights)."""
+    inputs, targets, weights = _as_microbatches(batch)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
+    if weights is None:
+        total_weight = jnp.asarray(targets.size, jnp.float32)
+    else:
+        weights = weights.astype(jnp.float32)
+        total_weight = weights.sum()
+    scale = 1.0 / jnp.maximum(total_weight, 1.0)  # all weights 0: loss and gradient 0, not NaN
 
-    def loss_of(params, x, y, key):
-        logits = state.apply_fn({"params": params}, x, deterministic=False, rngs={"dropout": key})
-        return cross_entropy(logits, y)
+    def loss_of(params, x, y, w, key):
+        nll_sum, _ = _loss_sums(state.apply_fn, params, x, y, w, deterministic=False, rngs={"dropout": key})
+        return nll_sum * scale  # this microbatch's share of the step's mean
 
     grad_fn = jax.value_and_grad(loss_of)
 
     def accumulate(carry, micro):
         loss_sum, grad_sum = carry
-        i, x, y = micro
-        loss, grads = grad_fn(state.params, x, y, jax.random.fold_in(step_key, i))
+        i, x, y, w = micro
+        loss, grads = grad_fn(state.params, x, y, w, jax.random.fold_in(step_key, i))
         return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     n = inputs.shape[0]
-    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(n), inputs, targets))
-    grads = jax.tree_util.tree_map(lambda g: g / n, grad_sum)
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                    (jnp.arange(n), inputs, targets, weights))  # weights may be None  # fmt: skip
     metrics = {
-        "loss": loss_sum / n,
+        "loss": loss,
         "lr": jnp.asarray(state.lr_fn(state.step), jnp.float32),
         "grad_norm": optax.tree.norm(grads),
+        "tokens": total_weight,
     }
     return state.apply_gradients(grads=grads), metrics
 
@@ -128,7 +149,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Mean next-token loss of the current parameters on a (B, T) batch, without dropout, and
     the number of tokens it covers (batch["weights"], if given, marks padding rows with 0)."""
-    logits = state.apply_fn({"params": state.params}, batch["inputs"], deterministic=True)
     weights = batch.get("weights")
-    tokens = jnp.asarray(batch["targets"].size, jnp.float32) if weights is None else weights.sum(dtype=jnp.float32)
-    return {"loss": cross_entropy(logits, batch["targets"], weights), "tokens": tokens}
+    nll_sum, tokens = _loss_sums(state.apply_fn, state.params, batch["inputs"], batch["targets"], weights,
+                                 deterministic=True)  # fmt: skip
+    return {"loss": nll_sum / jnp.maximum(tokens, 1.0), "tokens": tokens}
