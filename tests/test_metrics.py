@@ -71,3 +71,12 @@ def test_only_the_enabled_process_writes(tmp_path):
         w.write(1, {"loss": 1.0, "lr": 0.1}, "train")
         w.print("nothing")
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_flops_per_token_of_gpt2_124m_matches_6n_plus_attention_within_1_percent():
+    # 6N + 12·L·T·D with N = all 124,439,808 parameters (embeddings included); metrics counts
+    # only matmul parameters (blocks' kernels + the tied head), so the two differ by < 1%.
+    gpt2 = GPT2Config.from_preset("gpt2")
+    formula = 6 * 124_439_808 + 12 * 12 * 1024 * 768
+    assert metrics.flops_per_token(gpt2, 1024) == pytest.approx(formula, rel=0.01)
+    assert metrics.flops_per_token(gpt2.replace(vocab_pad_multiple=128), 1024) == pytest.approx(formula, rel=0.01)

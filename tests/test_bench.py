@@ -1,0 +1,75 @@
+"""bench: the real train step timed on the tiny config; its bookkeeping (tokens/s, FLOPs, MFU,
+ratio) is checked against the JSON line it prints; user errors are one line and exit 2."""
+
+import json
+
+import jax
+import pytest
+
+from gpt2_jax import bench, metrics
+from gpt2_jax.cli import run
+from gpt2_jax.model import GPT2Config
+
+TINY = ["--config", "configs/tiny.py", "--config.batch_size=16", "--config.model.block_size=32",
+        "--config.sample.length=0", "--steps", "2", "--warmup", "1"]  # fmt: skip
+
+
+def _run(capsys, argv):
+    assert run(bench.main, argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1]), "\n".join(out[:-1])
+
+
+def test_json_line_bookkeeping(capsys):
+    out, table = _run(capsys, [*TINY, "--config.grad_accum=2"])
+    tokens_per_step = 16 * 32
+    assert out["tokens_per_step"] == tokens_per_step and out["grad_accum"] == 2
+    assert out["tokens_per_sec"] == pytest.approx(tokens_per_step / (out["step_ms"] / 1e3), rel=1e-12)
+    config = GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4, vocab_pad_multiple=128)
+    assert out["flops_per_token"] == metrics.flops_per_token(config, 32)
+    assert out["model_tflops"] == pytest.approx(out["tokens_per_sec"] * out["flops_per_token"] / 1e12, rel=1e-12)
+    peak = metrics.total_peak_flops(jax.devices(), "float32")
+    if peak is None:
+        assert out["mfu"] is None
+    else:
+        assert out["mfu"] == pytest.approx(out["model_tflops"] * 1e12 / peak, rel=1e-12)
+    assert out["device"] == f"{jax.device_count()} x cpu"
+    assert 4.0 < out["loss"] < 12.0  # a real loss of random tokens over a 50257 vocabulary (ln = 10.8)
+    assert "gpt2_jax" in table and "tokens/s" in table and "torch" not in table
+
+
+def test_compare_torch_reports_both_and_their_ratio(capsys):
+    pytest.importorskip("transformers")
+    out, table = _run(capsys, [*TINY, "--compare", "torch"])
+    assert out["torch_implementation"] == "eager" and out["torch_device"].startswith("cpu")
+    assert out["torch_tokens_per_sec"] == pytest.approx(out["tokens_per_step"] / (out["torch_step_ms"] / 1e3), rel=1e-12)
+    assert out["ratio"] == pytest.approx(out["tokens_per_sec"] / out["torch_tokens_per_sec"], rel=1e-12)
+    assert "hf_torch_eager" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "configs/tiny.py", "--config.batch_sise=8"], "unknown config key 'batch_sise'"),
+    ([*TINY, "--steps", "0"], "--steps must be >= 1"),
+    (["--config", "configs/tiny.py", "--config.batch_size=9", "--config.grad_accum=2"], "divisible by grad_accum"),
+    (["--steps", "3"], "--config FILE is required"),
+    (["--config", "configs/tiny.py", "--compare", "jax"], "invalid choice"),
+])
+def test_user_errors_are_one_line(capsys, argv, message):
+    assert run(bench.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_missing_torch_is_a_clear_error(capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kw):
+        if name == "torch":
+            raise ImportError("No module named 'torch'", name="torch")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    assert run(bench.main, [*TINY, "--compare", "torch"]) == 2
+    assert "pip install torch" in capsys.readouterr().err
