@@ -57,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 250  # steps; 0 = no evaluation
     c.eval_batches = 20
     c.eval_batch_size = 0  # sequences; 0 = batch_size / grad_accum
-    c.checkpoint_every = 1000
+    c.checkpoint_every = 1000  # steps; checkpoints are also saved at the end and on SIGTERM/SIGINT
+    c.keep_checkpoints = 3  # newest N kept
     c.log_every = 10
     c.seed = 0
     c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (parameters stay float32)

@@ -51,6 +51,7 @@ class Checkpoints:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config", "model")
         )
+        self.skipped: list[str] = []  # what newest_usable skipped, one line each
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -92,10 +93,23 @@ class Checkpoints:
         return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
     def restore_latest(self, abstract_state) -> Restored | None:
-        """The newest checkpoint that restores (see `newest_usable`); None if there are none."""
+        """The newest checkpoint that restores (see `newest_usable`); None if there are none.
+        Unusable newer steps are renamed to `<step>.unusable` (kept for inspection, out of the
+        way of the run that continues and saves those steps again)."""
         if not self.steps():
             return None
-        return self.newest_usable(lambda step: self.restore(step, abstract_state))
+        restored = self.newest_usable(lambda step: self.restore(step, abstract_state))
+        damaged = [s for s in self.steps() if s > restored.step]
+        if damaged:
+            if jax.process_index() == 0:
+                for step in damaged:
+                    os.replace(self.path(step), _free_name(self.path(step) + ".unusable"))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("gpt2_jax: damaged checkpoints set aside")
+            self._manager.reload()
+        return restored
 
     def newest_usable(self, restore: Callable[[int], T]) -> T:
         """`restore(step)` for the newest step where it succeeds. Unreadable checkpoints
@@ -108,7 +122,8 @@ class Checkpoints:
             except Exception as e:  # Orbax/tensorstore raise many kinds on damaged files
                 reason = _one_line(e)
                 failures.append(f"{step} ({reason})")
-                log.warning("checkpoint %s is unusable, skipping it: %s", self.path(step), reason)
+                self.skipped.append(f"checkpoint {self.path(step)} is unusable, skipped it: {reason}")
+                log.warning(self.skipped[-1])
         if not failures:
             raise CheckpointError(f"no checkpoints in {self.directory}")
         raise CheckpointError(
@@ -126,6 +141,15 @@ class Checkpoints:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _free_name(path: str) -> str:
+    """`path`, or `path.1`, `path.2`, ... if it exists."""
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
 
 
 def _one_line(e: Exception) -> str:

@@ -38,6 +38,7 @@ class Plan:
     rules: tuple
     data_path: str
     hf_path: str | None  # init_from='hf:PATH'
+    init_workdir: str | None  # init_from='workdir:DIR'
     total_steps: int
     windows_per_epoch: int  # training windows of block_size tokens in one epoch
     eval_batch_size: int
@@ -75,24 +76,31 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
     _require(c.peak_flops >= 0, f"peak_flops must be >= 0 (0 = from the device table), got {c.peak_flops}")
 
 
-def _hf_path(init_from: str) -> str | None:
+def _init_source(init_from: str) -> tuple[str | None, str | None]:
+    """(hf_path, workdir_path) named by init_from; both None for 'scratch'."""
     if init_from == "scratch":
-        return None
-    _require(init_from.startswith("hf:") and len(init_from) > 3,
-             f"init_from must be 'scratch' or 'hf:PATH', got {init_from!r}")  # fmt: skip
-    path = os.path.expanduser(init_from[3:])
-    _require(os.path.isdir(path), f"init_from {init_from!r}: {path} is not a folder; download a model first, "
-             "e.g. huggingface-cli download gpt2 --local-dir PATH")  # fmt: skip
-    return path
+        return None, None
+    kind, _, path = init_from.partition(":")
+    _require(kind in ("hf", "workdir") and bool(path),
+             f"init_from must be 'scratch', 'hf:PATH' or 'workdir:DIR', got {init_from!r}")  # fmt: skip
+    path = os.path.expanduser(path)
+    if kind == "hf":
+        _require(os.path.isdir(path), f"init_from {init_from!r}: {path} is not a folder; download a model first, "
+                 "e.g. huggingface-cli download gpt2 --local-dir PATH")  # fmt: skip
+        return path, None
+    _require(os.path.isdir(os.path.join(path, "checkpoints")),
+             f"init_from {init_from!r}: {path} is not a training workdir (no checkpoints/ in it)")  # fmt: skip
+    return None, path
 
 
-def _model_config(c: ml_collections.ConfigDict, hf_path: str | None) -> GPT2Config:
-    """GPT2Config from the config's model keys, or (init_from hf) the checkpoint's shape with the
-    config's compute settings (dtype, dropout, remat, attention, vocab padding)."""
+def _model_config(c: ml_collections.ConfigDict, hf_path: str | None, workdir: str | None = None) -> GPT2Config:
+    """GPT2Config from the config's model keys, or (init_from hf / workdir) the source's shape with
+    the config's compute settings (dtype, dropout, remat, attention, vocab padding)."""
     m = c.model
-    compute = dict(dropout=m.dropout, dtype=c.dtype, remat=m.remat, attention=m.attention,
-                   vocab_pad_multiple=m.vocab_pad_multiple)  # fmt: skip
+    compute = {f: (c.dtype if f == "dtype" else m[f]) for f in COMPUTE_FIELDS}
     try:
+        if workdir is not None:
+            return _workdir_config(workdir, **compute)
         if hf_path is None:
             _require(m.n_head >= 1 and m.n_embd % m.n_head == 0,
                      f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")  # fmt: skip
@@ -103,6 +111,14 @@ def _model_config(c: ml_collections.ConfigDict, hf_path: str | None) -> GPT2Conf
         raise ConfigError(f"init_from {c.init_from!r}: {e}") from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _workdir_config(path: str, **overrides) -> GPT2Config:
+    from gpt2_jax.checkpoint import Checkpoints
+
+    ckpts = Checkpoints(path, create=False)
+    _require(bool(ckpts.steps()), f"init_from 'workdir:{path}': no checkpoints in {ckpts.directory}")
+    return ckpts.newest_usable(lambda step: ckpts.model_config(step, **overrides))
 
 
 def _hf_config(path: str, **overrides) -> GPT2Config:
@@ -190,11 +206,11 @@ def plan(c: ml_collections.ConfigDict, data: bool = True) -> Plan:
     skips the data: data_path is '', windows_per_epoch 0 and total_steps c.total_steps."""
     _check_ranges(c)
     _require(c.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
-    hf_path = _hf_path(c.init_from)
-    model = _model_config(c, hf_path)
+    hf_path, init_workdir = _init_source(c.init_from)
+    model = _model_config(c, hf_path, init_workdir)
     _require(c.model.block_size <= model.n_positions,
              f"model.block_size ({c.model.block_size}) exceeds the model's {model.n_positions} positions"
-             + (" (from init_from)" if hf_path else " (model.n_positions)"))  # fmt: skip
+             + (" (from init_from)" if hf_path or init_workdir else " (model.n_positions)"))  # fmt: skip
     mesh, rules = _mesh(c)
     eval_batch_size = _check_batch(c, mesh, rules)
     _check_shardings(model, mesh, rules)
@@ -213,7 +229,7 @@ def plan(c: ml_collections.ConfigDict, data: bool = True) -> Plan:
         total = _total_steps(c, windows)
     _require(c.warmup_steps <= total, f"warmup_steps ({c.warmup_steps}) exceeds the {total} training steps")
     return Plan(model=model, block_size=c.model.block_size, mesh=mesh, rules=rules, data_path=path,
-                hf_path=hf_path, total_steps=total, windows_per_epoch=windows,
+                hf_path=hf_path, init_workdir=init_workdir, total_steps=total, windows_per_epoch=windows,
                 eval_batch_size=eval_batch_size, prompt=prompt)  # fmt: skip
 
 

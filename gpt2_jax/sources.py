@@ -48,7 +48,7 @@ def load_hf_folder(path: str, **overrides) -> LoadedModel:
 
 
 def _on_default_device(abstract):
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
 
 

@@ -3,12 +3,18 @@
     python -m gpt2_jax.train --config configs/X.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]
 
 The config is checked whole before anything compiles (`plan`): a config the trainer cannot run
-is refused with one line, `error: ...`, and exit status 2. Writes DIR/metrics.jsonl and
-TensorBoard events under DIR.
+is refused with one line, `error: ...`, and exit status 2. Writes DIR/metrics.jsonl, TensorBoard
+events and DIR/checkpoints/<step>/. Run the same command again to resume from the newest usable
+checkpoint.
+
+Exit status: 0 done; 2 a user error (config, data, workdir in use, no usable checkpoint);
+1 diverged (non-finite steps beyond max_bad_steps; the last good checkpoint is kept);
+143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (run the command again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -19,25 +25,41 @@ import ml_collections
 
 from gpt2_jax import data as data_lib
 from gpt2_jax import hf, metrics, sharding
+from gpt2_jax.checkpoint import CheckpointError, Checkpoints
+from gpt2_jax.lock import WorkdirBusy, WorkdirLock
 from gpt2_jax.plan import ConfigError, plan
-from gpt2_jax.trainer import Trainer, to_host
+from gpt2_jax.preemption import Preempted, StopRequest
+from gpt2_jax.trainer import Diverged, Trainer, to_host
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train as `config` says, writing metrics under `workdir`; returns the last training and
-    evaluation metrics (and sample). Raises ConfigError, before compiling anything, for a config
-    that cannot run."""
+    """Train as `config` says in `workdir`, resuming from its newest usable checkpoint if it has
+    one (resume wins over init_from); returns the last training and evaluation metrics (and
+    sample). Raises ConfigError, before compiling anything, for a config that cannot run;
+    WorkdirBusy if another trainer holds the workdir; Preempted after a SIGTERM/SIGINT (a
+    checkpoint is saved); Diverged when non-finite steps exceed max_bad_steps."""
     p = plan(config)
-    with sharding.use_mesh(p.mesh, p.rules):
+    # One trainer per workdir. Process 0 holds the lock for all processes of a run.
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock, sharding.use_mesh(p.mesh, p.rules):
         trainer = Trainer(config, p)
-        state = trainer.initial_state()
-        writer = metrics.MetricsWriter(
-            workdir, total_steps=p.total_steps, start_step=int(to_host(state.step)),
-            enabled=jax.process_index() == 0, progress=config.progress_bar,
-            wandb_project=config.wandb.project, wandb_name=config.wandb.name, run_config=config.to_dict())  # fmt: skip
-        with writer:
-            writer.print(trainer.describe(state))
-            trainer.run(state, trainer.train_iterator(), writer)
+        ckpts = Checkpoints(workdir, max_to_keep=config.keep_checkpoints)
+        with contextlib.closing(ckpts):  # closing waits for the last save
+            train_it = trainer.train_iterator()
+            resumed = trainer.resume(ckpts, train_it)
+            state = resumed[0] if resumed else trainer.initial_state()
+            start = int(to_host(state.step))
+            writer = metrics.MetricsWriter(
+                workdir, total_steps=p.total_steps, start_step=start,
+                enabled=jax.process_index() == 0, progress=config.progress_bar,
+                wandb_project=config.wandb.project, wandb_name=config.wandb.name, run_config=config.to_dict())  # fmt: skip
+            with writer, StopRequest() as stop:
+                writer.print(trainer.describe(state))
+                if resumed:
+                    writer.print(resumed[1])
+                if start >= p.total_steps:
+                    writer.print(f"step {start} of {p.total_steps}: training is complete, nothing to do")
+                trainer.run(state, train_it, writer, ckpts, stop)
     return trainer.summary
 
 
@@ -127,7 +149,7 @@ def _first_line(e: BaseException) -> str:
     return lines[0]
 
 
-USER_ERRORS = (UsageError, ConfigError, data_lib.DataError, hf.HFFormatError)
+USER_ERRORS = (UsageError, ConfigError, data_lib.DataError, hf.HFFormatError, CheckpointError, WorkdirBusy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted (a second Ctrl-C): stopped without saving", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -6,21 +6,60 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from gpt2_jax import data as data_lib
-from gpt2_jax import hf, metrics, optim, sharding, steps
+from gpt2_jax import faults, hf, metrics, optim, sharding, steps
+from gpt2_jax.checkpoint import Checkpoints, abstract_with_shardings
 from gpt2_jax.model import GPT2, count_params
-from gpt2_jax.plan import COMPUTE_FIELDS, Plan
+from gpt2_jax.plan import COMPUTE_FIELDS, ConfigError, Plan
+from gpt2_jax.preemption import Preempted, StopRequest
 from gpt2_jax.sampling import Sampler, SamplingConfig
 from gpt2_jax.tokenizer import get_tokenizer
 
+# Shape fields a checkpoint must share with the config to resume from it.
+SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_pad_multiple")
+
+
+class Diverged(RuntimeError):
+    """Too many non-finite steps: the run stops; the last good checkpoint stays as it is."""
+
+
 def _optimizer(c: ml_collections.ConfigDict, total_steps: int):
+    """The optimizer, wrapped so that a step with a non-finite update leaves the parameters and
+    optimizer moments untouched (the trainer then stops, or skips up to max_bad_steps of them)."""
     lr_fn = optim.lr_schedule(c.lr, total_steps, c.warmup_steps, c.min_lr_ratio)
     tx = optim.make_optimizer(lr_fn, weight_decay=c.weight_decay, b1=c.beta1, b2=c.beta2, eps=c.adam_eps,
                               grad_clip=c.grad_clip)  # fmt: skip
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
+    if faults.nan_steps():
+        tx = optax.chain(_poison_gradients(faults.nan_steps()), tx)
     return tx, lr_fn
+
+
+def _poison_gradients(bad_steps) -> optax.GradientTransformation:
+    """NaN gradients at `bad_steps` (1-based, as logged): fault injection for tests."""
+    bad = jnp.asarray(sorted(s - 1 for s in bad_steps))
+
+    def update(grads, count, params=None):
+        factor = jnp.where(jnp.any(count == bad), jnp.nan, 1.0)
+        return jax.tree_util.tree_map(lambda g: g * factor, grads), count + 1
+
+    return optax.GradientTransformation(lambda params: jnp.zeros([], jnp.int32), update)
+
+
+def skipped_updates(opt_state) -> jax.Array:
+    """How many non-finite updates the optimizer has left out so far."""
+    return (opt_state if isinstance(opt_state, optax.ApplyIfFiniteState) else opt_state[1]).total_notfinite
+
+
+def _train_step(state: steps.TrainState, batch: dict):
+    """steps.train_step, also returning how many updates were skipped as non-finite so far."""
+    state, out = steps.train_step(state, batch)
+    return state, {**out, "skipped_steps": skipped_updates(state.opt_state)}
 
 
 def to_host(tree):
@@ -56,12 +95,13 @@ class Trainer:
         self.c, self.p = c, p
         self.model = GPT2(p.model)
         self.tx, self.lr_fn = _optimizer(c, p.total_steps)
-        _, specs = steps.abstract_state(self.model, self.tx, self.lr_fn, c.seed)
+        abstract, specs = steps.abstract_state(self.model, self.tx, self.lr_fn, c.seed)
         self.state_sharding = sharding.logical_to_shardings(specs, p.mesh, p.rules)
+        self.abstract_state = abstract_with_shardings(abstract, self.state_sharding)
         self.train_batch_sharding = sharding.batch_sharding(p.mesh, p.rules, microbatched=True)
         self.eval_batch_sharding = sharding.batch_sharding(p.mesh, p.rules)
         replicated = sharding.replicated(p.mesh)
-        self.train_fn = jax.jit(steps.train_step, in_shardings=(self.state_sharding, self.train_batch_sharding),
+        self.train_fn = jax.jit(_train_step, in_shardings=(self.state_sharding, self.train_batch_sharding),
                                 out_shardings=(self.state_sharding, replicated), donate_argnums=0)  # fmt: skip
         self.eval_fn = jax.jit(steps.eval_step, in_shardings=(self.state_sharding, self.eval_batch_sharding),
                                out_shardings=replicated)  # fmt: skip
@@ -71,14 +111,46 @@ class Trainer:
         if p.prompt and jax.process_count() == 1:  # TODO(multi-host): gather sampled tokens across processes
             self.sampler = Sampler(p.model, None, SamplingConfig(c.sample.temperature, c.sample.top_k))
         self.summary: dict = {}
+        self.skipped = 0  # non-finite updates seen so far (restored with the optimizer state)
 
     def initial_state(self) -> steps.TrainState:
-        """A fresh state, created directly into its shardings: HF weights (init_from) or random."""
+        """A fresh state, created directly into its shardings: random, HF weights or another
+        workdir's parameters (init_from)."""
         p, c = self.p, self.c
-        if p.hf_path is None:
+        if p.hf_path is None and p.init_workdir is None:
             return steps.init_state(self.model, self.tx, self.lr_fn, c.seed, self.state_sharding)
-        _, params = hf.load_hf(p.hf_path, **{f: getattr(p.model, f) for f in COMPUTE_FIELDS})
+        if p.hf_path is not None:
+            _, params = hf.load_hf(p.hf_path, **{f: getattr(p.model, f) for f in COMPUTE_FIELDS})
+        else:
+            params = _workdir_params(p.init_workdir, self.abstract_state.params, p.mesh)
         return steps.state_from_params(self.model, self.tx, self.lr_fn, params, c.seed, self.state_sharding)
+
+    def resume(self, ckpts: Checkpoints, train_it: data_lib.BatchIterator) -> tuple[steps.TrainState, str] | None:
+        """(state, what was resumed) from the newest usable checkpoint, restored onto this mesh,
+        with `train_it` moved to the batch that comes next; None when there are no checkpoints."""
+        if not ckpts.steps():
+            return None
+        self._check_same_model(ckpts)
+        restored = ckpts.restore_latest(self.abstract_state)
+        train_it.set_state(restored.data_state)
+        self.skipped = int(to_host(skipped_updates(restored.state.opt_state)))
+        changed = _changed_keys(restored.config, self.c.to_dict())
+        note = "".join(f"warning: {s}\n" for s in ckpts.skipped) + f"resuming from {ckpts.path(restored.step)}"
+        note += f" (init_from {self.c.init_from!r} is not used)" if self.c.init_from != "scratch" else ""
+        note += f"; config changed since: {changed}" if changed else ""
+        return restored.state, note
+
+    def _check_same_model(self, ckpts: Checkpoints) -> None:
+        step = ckpts.steps()[-1]
+        try:
+            saved = ckpts.model_config(step)
+        except Exception:  # unreadable: restore_latest skips it and says why
+            return
+        diff = [f"{f} {getattr(saved, f)} (checkpoint) vs {getattr(self.p.model, f)} (config)"
+                for f in SHAPE_FIELDS if getattr(saved, f) != getattr(self.p.model, f)]  # fmt: skip
+        if diff:
+            raise ConfigError(f"{ckpts.directory} holds checkpoints of another model: {'; '.join(diff)}. "
+                              "Use another --workdir, or the model settings it was trained with")  # fmt: skip
 
     def train_iterator(self) -> data_lib.BatchIterator:
         """This process's share of every global batch (the rows its devices hold)."""
@@ -89,12 +161,14 @@ class Trainer:
                                             seed=c.seed, process_index=index, process_count=count,
                                             vocab_size=p.model.vocab_size)  # fmt: skip
 
-    def run(self, state: steps.TrainState, train_it, writer: metrics.MetricsWriter) -> steps.TrainState:
-        """Train from state.step to total_steps. Metrics of a logged step are read after the next
-        step is queued, so reading them never stalls the device."""
+    def run(self, state: steps.TrainState, train_it, writer: metrics.MetricsWriter, ckpts: Checkpoints,
+            stop: StopRequest) -> steps.TrainState:  # fmt: skip
+        """Train from state.step to total_steps, saving every checkpoint_every steps and at the end.
+        A step's metrics are read after the next step is queued, so reading them never stalls the
+        device; that is also when a non-finite step is noticed, always before a checkpoint."""
         c, p = self.c, self.p
         start = int(to_host(state.step))
-        pending = None
+        pending = unchecked = None
         for step in range(start + 1, p.total_steps + 1):  # `step` updates are done after this one
             batch = data_lib.to_global_batch(steps.split_microbatches(next(train_it), c.grad_accum),
                                              self.train_batch_sharding)  # fmt: skip
@@ -102,27 +176,71 @@ class Trainer:
             if pending is not None:
                 self._log(writer, *pending)
                 pending = None
+            if unchecked is not None:
+                self._check_finite(ckpts, *unchecked, writer)
+            unchecked = (step, step_metrics)
             if step == start + 1:  # it compiled: show its loss now, time from its end
                 self._log(writer, step, step_metrics)
                 self.throughput.restart(step)
             elif step % c.log_every == 0 or step == p.total_steps:
                 pending = (step, step_metrics)
             writer.progress(step)
+            signum = stop.agreed(sync=step % c.log_every == 0)
+            if signum or (c.checkpoint_every and step % c.checkpoint_every == 0) or step == p.total_steps:
+                self._check_finite(ckpts, *unchecked, writer)  # never save a state after a bad update
+                unchecked = None
+                self._save(ckpts, step, state, train_it)
+            faults.after_step(step)
+            if signum:
+                if pending is not None:
+                    self._log(writer, *pending)
+                ckpts.wait()
+                raise Preempted(signum, step, ckpts.path(step))
             if c.eval_every and (step % c.eval_every == 0 or step == p.total_steps):
                 if pending is not None:
                     self._log(writer, *pending)
                     pending = None
                 self._evaluate(writer, step, state)
                 self.throughput.restart(step)
+        if unchecked is not None:
+            self._check_finite(ckpts, *unchecked, writer)
         if pending is not None:
             self._log(writer, *pending)
         return state
 
+    def _save(self, ckpts: Checkpoints, step: int, state, train_it) -> None:
+        """Start an asynchronous save of `state` after `step`, with the data position (the next
+        batch) and the config; training goes on while it is written."""
+        ckpts.save(step, state, train_it.get_state(), self.c.to_dict(), self.p.model, force=True)
+        faults.while_saving(step)
+        if faults.active():
+            ckpts.wait()  # injected faults expect the checkpoint of their step on disk
+
+    def _check_finite(self, ckpts: Checkpoints, step: int, device_metrics: dict, writer) -> None:
+        """Stop (Diverged) at a step whose update was non-finite, or skip it while at most
+        max_bad_steps have been; the optimizer already left such an update out."""
+        skipped = int(to_host(device_metrics["skipped_steps"]))
+        if skipped == self.skipped:
+            return
+        self.skipped = skipped
+        loss = float(to_host(device_metrics["loss"]))
+        what = f"step {step}: loss {loss:.4g}, non-finite update (not applied)"
+        if skipped <= self.c.max_bad_steps:
+            writer.print(f"warning: {what}; skipped, {skipped} of max_bad_steps={self.c.max_bad_steps}")
+            return
+        ckpts.wait()
+        saved = ckpts.steps()
+        where = f"the last good checkpoint, {ckpts.path(saved[-1])}, is kept" if saved else "no checkpoint was saved"
+        raise Diverged(f"{what}; stopping: {where}. Lower lr, raise warmup_steps, or set max_bad_steps=N to "
+                       "skip up to N such steps")  # fmt: skip
+
     def _log(self, writer, step: int, device_metrics: dict) -> None:
         c, p = self.c, self.p
         row = {k: float(v) for k, v in to_host(device_metrics).items()}
+        if not row["skipped_steps"]:
+            del row["skipped_steps"]
         row.update(self.throughput.read(step))
-        row["epoch"] = step * c.batch_size / p.windows_per_epoch
+        row["epoch"] = step * c.batch_size / p.windows_per_epoch if p.windows_per_epoch else 0.0
         row["tokens"] = step * c.batch_size * p.block_size
         writer.write(step, row, "train")
         self.summary.update(row, step=step)
@@ -176,3 +294,36 @@ class Trainer:
         )
 
 
+
+
+def _workdir_params(workdir: str, abstract: dict, mesh) -> dict:
+    """Host parameters of a training workdir's newest usable checkpoint (read whole by every
+    process), shaped like `abstract` (the plan took the model's shape from that checkpoint; only
+    the vocabulary padding may differ: padding rows are never predicted, so zeros do)."""
+    ckpts = Checkpoints(workdir, create=False)
+    replicated = sharding.replicated(mesh)
+    rows, width = abstract["wte"].shape
+
+    def restore(step: int) -> dict:
+        saved_rows = ckpts.model_config(step).padded_vocab_size
+        target = {**abstract, "wte": jax.ShapeDtypeStruct((saved_rows, width), abstract["wte"].dtype)}
+        target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), target)
+        return ckpts.restore_params(step, target)
+
+    params = to_host(ckpts.newest_usable(restore))
+    wte = params["wte"][:rows]
+    params["wte"] = np.concatenate([wte, np.zeros((rows - len(wte), width), wte.dtype)])
+    return params
+
+
+def _changed_keys(saved: dict, current: dict, prefix: str = "") -> str:
+    """'key old -> new' for config keys that differ between a checkpoint and this run."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _changed_keys(a, b, f"{prefix}{k}.")
+            out += [inner] if inner else []
+        elif a != b and not (isinstance(a, list) and isinstance(b, tuple) and tuple(a) == b):
+            out.append(f"{prefix}{k} {a!r} -> {b!r}")
+    return ", ".join(out)

@@ -1,93 +1,16 @@
 """The trainer: end-to-end runs on 8 CPU devices, mesh invariance, parity with torch's AdamW on
 transformers' GPT-2, exact dropout randomness, and refusal of every invalid config."""
 
-import importlib.util
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from runs import VOCAB, cli, losses, markov_tokens, rows, tiny, write_shard
 
 from gpt2_jax import hf, optim, plan as plan_lib, sharding, steps, train
 from gpt2_jax.data import make_train_iterator
 from gpt2_jax.model import GPT2, GPT2Config, init_params
-from gpt2_jax.prepare import HEADER_WORDS, MAGIC, VERSION
-
-ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 512
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def _write_shard(file, tokens):
-    header = np.zeros(HEADER_WORDS, "<i4")
-    header[:3] = MAGIC, VERSION, len(tokens)
-    with open(file, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, "<u2").tobytes())
-
-
-def _markov_tokens(n, seed):
-    """A learnable stream over 64 of the 512 tokens: each has 2 possible successors (ln 2 nats)."""
-    rng = np.random.default_rng(seed)
-    table = np.random.default_rng(123).integers(0, 64, size=(64, 2)) * 7 + 5
-    index = np.full(VOCAB, -1)
-    index[table.ravel()] = np.arange(table.size) // 2
-    out = np.empty(n, np.int64)
-    out[0] = table[0, 0]
-    choices = rng.integers(0, 2, size=n)
-    for i in range(1, n):
-        out[i] = table[index[out[i - 1]], choices[i]]
-    return out
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    path = tmp_path_factory.mktemp("shards")
-    _write_shard(path / "train_000000.bin", _markov_tokens(40_000, 0))
-    _write_shard(path / "val_000000.bin", _markov_tokens(4_000, 1))
-    return str(path)
-
-
-def _load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def tiny(shards, **overrides):
-    """configs/tiny.py on the synthetic shards with a 512-token vocabulary."""
-    c = _load_config("tiny")
-    settings = {
-        "model.vocab_size": VOCAB, "model.block_size": 32, "data.path": shards, "data.bundled": "",
-        "batch_size": 16, "total_steps": 12, "warmup_steps": 2, "eval_every": 0, "eval_batches": 2,
-        "log_every": 1, "progress_bar": False, "sample.length": 0,
-    }
-    settings.update(overrides)
-    for key, value in settings.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
-def _rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
-
-
-def _losses(workdir):
-    train_rows, _ = _rows(workdir)
-    return np.array([r["loss"] for r in train_rows])
 
 
 # --- end to end ----------------------------------------------------------------------------
@@ -96,7 +19,7 @@ def _losses(workdir):
 def test_end_to_end_loss_falls_and_eval_rows_appear(shards, tmp_path):
     config = tiny(shards, total_steps=24, eval_every=12, log_every=4, **{"sample.length": 8, "sample.prompt": "a"})
     summary = train.train_and_evaluate(config, str(tmp_path))
-    train_rows, eval_rows = _rows(tmp_path)
+    train_rows, eval_rows = rows(tmp_path)
 
     assert [r["step"] for r in train_rows] == [1, 4, 8, 12, 16, 20, 24]
     for r in train_rows:
@@ -123,14 +46,14 @@ def test_meshes_and_grad_accumulation_give_the_same_losses(shards, tmp_path):
         "2x2x2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
         "2x2x2 accum 2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "grad_accum": 2},
     }
-    losses = {}
+    by_mesh = {}
     for name, overrides in runs.items():
         workdir = str(tmp_path / name.replace(" ", "_"))
         train.train_and_evaluate(tiny(shards, total_steps=5, **overrides), workdir)
-        losses[name] = _losses(workdir)
-    reference = losses["8x1x1"]
+        by_mesh[name] = losses(workdir)
+    reference = by_mesh["8x1x1"]
     assert len(reference) == 5 and reference[-1] < reference[0] - 0.1
-    for name, values in losses.items():
+    for name, values in by_mesh.items():
         np.testing.assert_allclose(values, reference, rtol=2e-5, err_msg=name)
 
 
@@ -180,7 +103,7 @@ def test_losses_match_torch_adamw_on_transformers_gpt2(shards, tmp_path, grad_ac
     c = tiny(shards, total_steps=10, warmup_steps=3, lr=1e-2, weight_decay=0.1, grad_clip=1.0,
              grad_accum=grad_accum, init_from=f"hf:{hf_dir}", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     train.train_and_evaluate(c, str(tmp_path / "run"))
-    ours = _losses(tmp_path / "run")
+    ours = losses(tmp_path / "run")
 
     it = make_train_iterator(c.data.path, block_size=c.model.block_size, global_batch_size=c.batch_size,
                              seed=c.seed, vocab_size=VOCAB)
@@ -254,7 +177,7 @@ def test_microbatched_step_equals_the_whole_batch_step():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-def test_split_microbatches_interleaves_rows():
+def test_split_microbatches_interleavesrows():
     batch = {"inputs": np.arange(12).reshape(6, 2)}
     out = steps.split_microbatches(batch, 3)["inputs"]
     assert out.shape == (3, 2, 2)
@@ -283,9 +206,10 @@ INVALID = [
     ({"data.path": ""}, "data.path is empty"),
     ({"data.path": "/nonexistent/shards"}, "is not a folder"),
     ({"data.path": "", "data.bundled": "poe"}, "data.bundled must be one of"),
-    ({"init_from": "gpt2"}, "init_from must be 'scratch' or 'hf:PATH'"),
+    ({"init_from": "gpt2"}, "init_from must be 'scratch', 'hf:PATH' or 'workdir:DIR', got 'gpt2'"),
     ({"init_from": "hf:/nonexistent/gpt2"}, "is not a folder"),
     ({"init_from": "hf:NOT_HF"}, "not a Hugging Face model folder"),
+    ({"init_from": "workdir:/nonexistent"}, "is not a training workdir (no checkpoints/ in it)"),
     ({"dtype": "float16"}, "dtype must be 'float32' or 'bfloat16'"),
     ({"model.remat": "some"}, "remat must be one of"),
     ({"warmup_steps": 50, "total_steps": 10}, "warmup_steps (50) exceeds the 10 training steps"),
@@ -307,7 +231,7 @@ def test_invalid_configs_are_refused_with_one_line(shards, not_hf, overrides, me
 
 
 def test_missing_validation_split_is_refused_when_evaluating(tmp_path):
-    _write_shard(tmp_path / "train_000000.bin", _markov_tokens(2_000, 0))
+    write_shard(tmp_path / "train_000000.bin", markov_tokens(2_000, 0))
     with pytest.raises(plan_lib.ConfigError, match="no val shards .* set --config.eval_every=0"):
         plan_lib.plan(tiny(str(tmp_path), eval_every=5))
     assert plan_lib.plan(tiny(str(tmp_path), eval_every=0)).total_steps == 12
@@ -332,19 +256,13 @@ def test_refusal_comes_before_anything_compiles(shards, tmp_path, monkeypatch):
 # --- the command line ----------------------------------------------------------------------
 
 
-def _cli(*args, devices=1):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    return subprocess.run([sys.executable, "-m", "gpt2_jax.train", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
-
-
 def test_cli_trains_and_refuses_bad_configs_with_one_line(shards, tmp_path):
     common = ["--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), f"--config.data.path={shards}",
               "--config.model.vocab_size=512", "--config.model.block_size=32", "--config.progress_bar=False"]
-    ok = _cli(*common, "--config.total_steps=3", "--config.warmup_steps=1", "--config.eval_every=3",
+    ok = cli(*common, "--config.total_steps=3", "--config.warmup_steps=1", "--config.eval_every=3",
               "--config.sample.length=4")
     assert ok.returncode == 0, ok.stderr
-    train_rows, eval_rows = _rows(tmp_path / "run")
+    train_rows, eval_rows = rows(tmp_path / "run")
     assert [r["step"] for r in train_rows] == [1, 3] and [r["step"] for r in eval_rows] == [3]
     assert "val_loss" in ok.stdout
 
@@ -353,9 +271,9 @@ def test_cli_trains_and_refuses_bad_configs_with_one_line(shards, tmp_path):
         (["--config.model.n_layers=3"], "error: unknown config key 'model.n_layers' (--config.model.n_layers); did you mean model.n_layer?"),
         (["--config.batch_size=abc"], "error: flag --config.batch_size=abc: invalid literal for int()"),
     ]:
-        bad = _cli(*common, *extra)
+        bad = cli(*common, *extra)
         assert bad.returncode == 2
         assert bad.stderr.strip().startswith(message), bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-    missing = _cli("--config", "configs/tiny.py")
+    missing = cli("--config", "configs/tiny.py")
     assert missing.returncode == 2 and missing.stderr.strip() == "error: --workdir DIR is required"
