@@ -21,7 +21,7 @@ from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
 
 BUNDLED = ("shakespeare",)
 # GPT2Config fields that come from the training config even when the shape comes from init_from.
-COMPUTE_FIELDS = ("dropout", "dtype", "remat", "attention", "vocab_pad_multiple")
+COMPUTE_FIELDS = ("dropout", "dtype", "remat", "attention", "vocab_pad_multiple", "loss_chunk")
 
 
 class ConfigError(ValueError):
