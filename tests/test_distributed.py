@@ -1,0 +1,198 @@
+"""gpt2_jax.distributed and launch/local.sh: settings resolution, 2 processes x 2 CPU devices
+doing cross-process collectives, and failures that end the run instead of hanging it."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from gpt2_jax import distributed
+from gpt2_jax.cli import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_SH = ROOT / "launch" / "local.sh"
+
+# Each process: join, check the topology, then a jitted sum, a shard_map psum and an allgather
+# over a global array assembled from per-process rows. MODE makes process 1 fail on purpose.
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+    mode, pid = sys.argv[1], int(os.environ.get("JAX_PROCESS_ID", "0"))
+    if mode == "die_before" and pid == 1:
+        sys.exit(1)
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from gpt2_jax import distributed
+    plan = distributed.initialize()
+    print("JOINED", plan.process_id, plan.num_processes, flush=True)
+    if mode == "die_after" and pid == 1:
+        raise RuntimeError("process 1 fails on purpose")
+    assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
+    mesh = jax.make_mesh((4,), ("d",))
+    local = np.arange(2, dtype=np.float32) + 10 * jax.process_index()   # p0: [0, 1]  p1: [10, 11]
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)  # global (4,)
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
+    psum = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, "d"), mesh=mesh, in_specs=P("d"), out_specs=P()))(x)
+    gathered = multihost_utils.process_allgather(x, tiled=True)
+    print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(), float(total),
+          float(np.asarray(psum.addressable_data(0))[0]), [float(v) for v in gathered], flush=True)
+    distributed.exit(0)
+    """
+)
+
+
+@pytest.fixture
+def worker(tmp_path):
+    path = tmp_path / "worker.py"
+    path.write_text(WORKER)
+    return path
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "GPT2_JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), KILL_GRACE="2", **extra)
+    return env
+
+
+def _local(n, *command, timeout=60, **env):
+    start = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(LOCAL_SH), str(n), *command], env=_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+    return proc, time.monotonic() - start
+
+
+def test_two_processes_two_devices_each_run_collectives(worker):
+    proc, _ = _local(2, sys.executable, str(worker), "ok", TIMEOUT="50", GPT2_JAX_INIT_TIMEOUT="30")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for i in range(2):
+        lines = [l for l in proc.stdout.splitlines() if l.startswith(f"[{i}] RESULT")]
+        # sum and psum of [0, 1, 10, 11] = 22 on every process; the allgather sees every row
+        assert lines == [f"[{i}] RESULT {i} 2 4 22.0 22.0 [0.0, 1.0, 10.0, 11.0]"], proc.stdout
+
+
+def test_process_dying_before_joining_stops_the_run(worker):
+    # process 0 would wait 60 s to join; local.sh sees process 1 fail and stops it at once
+    proc, took = _local(2, sys.executable, str(worker), "die_before", TIMEOUT="50", GPT2_JAX_INIT_TIMEOUT="60")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "process 1 exited with status 1; stopping the others" in proc.stderr
+    assert "RESULT" not in proc.stdout and took < 30
+
+
+def test_process_dying_after_joining_stops_the_run(worker):
+    proc, took = _local(2, sys.executable, str(worker), "die_after", TIMEOUT="50", GPT2_JAX_INIT_TIMEOUT="30")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "[1] RuntimeError: process 1 fails on purpose" in proc.stdout
+    assert "RESULT" not in proc.stdout and took < 30
+
+
+def test_without_a_launcher_a_dead_process_ends_the_others_within_the_heartbeat_timeout(worker):
+    """No local.sh to kill anyone: process 1 dies after joining, and process 0, waiting in a
+    collective, is stopped by JAX's heartbeat check (2 s here) instead of hanging."""
+    port = subprocess.run(
+        [sys.executable, "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    common = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_NUM_CPU_DEVICES="2",
+                  GPT2_JAX_INIT_TIMEOUT="30", GPT2_JAX_HEARTBEAT_TIMEOUT="2")  # fmt: skip
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), "die_after"],
+            env=_env(JAX_PROCESS_ID=str(i), **common),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=45)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == 1 and "fails on purpose" in outs[1]
+    assert procs[0].returncode != 0 and "RESULT" not in outs[0], outs[0]
+    assert time.monotonic() - start < 40
+
+
+def test_join_timeout_is_one_line_naming_the_process(worker):
+    env = _env(JAX_COORDINATOR_ADDRESS="127.0.0.1:1", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1",
+               JAX_NUM_CPU_DEVICES="2", GPT2_JAX_INIT_TIMEOUT="2")  # fmt: skip
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(worker), "ok"], env=env, capture_output=True, text=True, timeout=40)
+    assert proc.returncode == 2, proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert errors and errors[0].startswith(
+        "error: process 1 of 2 (explicit, coordinator 127.0.0.1:1) timed out after 2 s"
+    )
+    assert time.monotonic() - start < 30
+
+
+# --- settings (no processes started) ---------------------------------------------------------
+
+
+def test_resolve_sources_and_precedence():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    plan = distributed.resolve(environ=env, on_tpu_vm=False)
+    assert (plan.source, plan.coordinator, plan.num_processes, plan.process_id) == ("explicit", "10.0.0.1:8476", 4, 3)
+    plan = distributed.resolve(process_id=1, port=999, environ=env, on_tpu_vm=False)  # flags win over variables
+    assert (plan.coordinator, plan.process_id) == ("10.0.0.1:999", 1)
+    assert distributed.resolve(coordinator="h:5", num_processes=2, process_id=0, environ={}).coordinator == "h:5"
+    assert not distributed.resolve(num_processes=1, environ=env, on_tpu_vm=True).multi_process
+    assert distributed.resolve(environ={}, on_tpu_vm=False).source == "single"
+    assert distributed.resolve(environ={}, on_tpu_vm=True).source == "tpu"
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "8", "SLURM_PROCID": "5",
+             "SLURM_LOCALID": "1"}  # fmt: skip
+    plan = distributed.resolve(init_timeout=12, environ=slurm, on_tpu_vm=False)
+    assert (plan.source, plan.num_processes, plan.process_id, plan.init_timeout) == ("slurm", 8, 5, 12.0)
+    assert distributed.resolve(environ={**slurm, "SLURM_NTASKS": "1"}, on_tpu_vm=False).source == "single"
+    plan = distributed.resolve(environ={"GPT2_JAX_HEARTBEAT_TIMEOUT": "7.5"}, on_tpu_vm=False)
+    assert plan.heartbeat_timeout == 7.5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_processes=2, process_id=0), "needs --coordinator (or JAX_COORDINATOR_ADDRESS)"),
+        (dict(coordinator="h", num_processes=2, process_id=2), "--process_id 2 is out of range"),
+        (dict(coordinator="h:x", num_processes=2, process_id=0), "expected HOST, HOST:PORT"),
+        (dict(coordinator="h", num_processes=0, process_id=0), "--num_processes must be an integer >= 1"),
+        (dict(num_processes=1, process_id=1), "the only process is 0"),
+        (dict(coordinator="h", num_processes=2, process_id=0, init_timeout=0), "--init_timeout must be a positive"),
+        (dict(environ={"JAX_NUM_PROCESSES": "two"}), "JAX_NUM_PROCESSES='two' is not an integer"),
+    ],
+)
+def test_resolve_errors_are_user_errors(kwargs, message):
+    kwargs.setdefault("environ", {})
+    with pytest.raises(distributed.DistributedError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        distributed.resolve(on_tpu_vm=False, **kwargs)
+    assert issubclass(distributed.DistributedError, UserError)
+
+
+def test_pop_flags_leaves_the_other_arguments_in_order():
+    argv = ["train", "--config", "c.py", "--num_processes=2", "--process_id", "1", "--workdir", "w",
+            "--coordinator", "h:9", "--init_timeout", "30", "--coordinator_port=7", "--heartbeat_timeout=5"]  # fmt: skip
+    rest, kw = distributed.pop_flags(argv)
+    assert rest == ["train", "--config", "c.py", "--workdir", "w"]
+    assert kw == dict(
+        num_processes=2, process_id=1, coordinator="h:9", init_timeout=30.0, port=7, heartbeat_timeout=5.0
+    )
+    with pytest.raises(distributed.DistributedError, match="--process_id 'x': expected an integer"):
+        distributed.pop_flags(["--process_id", "x"])
+    with pytest.raises(distributed.DistributedError, match="--coordinator needs a value"):
+        distributed.pop_flags(["--coordinator"])
+
+
+def test_local_sh_help_and_early_errors():
+    out = subprocess.run(["bash", str(LOCAL_SH), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "DEVICES_PER_PROCESS" in out.stdout
+    bad = subprocess.run(["bash", str(LOCAL_SH), "two", "true"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "N must be a positive integer" in bad.stderr
+    missing = subprocess.run(["bash", str(LOCAL_SH), "2", "no-such-command-xyz"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "command not found: no-such-command-xyz" in missing.stderr
