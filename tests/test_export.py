@@ -61,3 +61,39 @@ def test_missing_workdir_writes_nothing(tmp_path, capsys):
     assert run(export.main, ["--workdir", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: ") and not os.path.exists(out)
     assert os.listdir(tmp_path) == []
+
+
+def test_train_export_and_transformers_agree_with_evaluate(shards, tmp_path, capsys, monkeypatch):
+    """20 trained steps -> export -> transformers' loss on a validation batch equals evaluate's on
+    the checkpoint within 1e-4; the exported tokenizer encodes as tiktoken does."""
+    import json
+
+    from runs import tiny
+
+    from gpt2_jax import evaluate, train
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
+    train.train_and_evaluate(tiny(shards, total_steps=20), workdir)
+    capsys.readouterr()
+    assert run(export.main, ["--workdir", workdir, "--out", out]) == 0
+    capsys.readouterr()
+    assert run(evaluate.main, ["--workdir", workdir, "--data", shards, "--block_size", "32", "--batch_size", "4",
+                               "--max_batches", "1"]) == 0  # fmt: skip
+    ours = json.loads(capsys.readouterr().out)
+    assert ours["step"] == 20 and ours["tokens"] == 4 * 32
+
+    with open(os.path.join(shards, "val_000000.bin"), "rb") as f:
+        tokens = np.frombuffer(f.read(), np.uint16, offset=1024).astype(np.int64)
+    windows = torch.as_tensor(np.stack([tokens[i * 32 : i * 32 + 33] for i in range(4)]))  # evaluate's first batch
+    exported = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = exported(windows[:, :-1]).logits
+        theirs = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert abs(theirs.item() - ours["loss"]) <= 1e-4 * ours["loss"]
+    assert ours["loss"] < 5.0  # trained: below the uniform log(512) = 6.2
+
+    text = "Hello world! Ünïcödé, emoji 🎉 and   spaces\n\tend"
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tokenizer.encode(text) == get_tokenizer().encode(text)

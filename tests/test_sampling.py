@@ -37,6 +37,24 @@ def test_greedy_matches_the_uncached_argmax_loop():
     assert len(set(got[0])) > 1
 
 
+def test_greedy_equals_transformers_generate_token_for_token(tmp_path):
+    import torch
+    from hf_reference import hf_model, save_folder
+
+    from gpt2_jax.hf import load_hf
+
+    reference = hf_model(n_positions=64, scale=0.5)
+    config, params = load_hf(save_folder(reference, tmp_path / "hf"))
+    prompt = _prompt(batch=2, length=8, seed=3)
+    ours = Sampler(config, params, SamplingConfig(temperature=0)).generate(prompt, 48, jax.random.key(0),
+                                                                         stop_at_eot=False)  # fmt: skip
+    with torch.no_grad():
+        theirs = reference.generate(torch.as_tensor(prompt, dtype=torch.long), max_new_tokens=48, min_new_tokens=48,
+                                    do_sample=False, pad_token_id=EOT_ID)  # fmt: skip
+    assert ours == theirs[:, 8:].tolist()
+    assert len(set(ours[0])) > 10  # a varied continuation, not one repeated token
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy():
     config, params = _model()
     prompt = _prompt()
