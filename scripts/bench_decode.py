@@ -8,7 +8,7 @@ For each model (a gpt2_jax preset, randomly initialised, saved with save_hf and 
 transformers from that folder) and batch size: a random prompt of --prompt_len tokens, then
 --new_tokens greedy tokens, end of text ignored (both sides run to the full length), timed end
 to end (prefill + decode, tokens copied to the host) after one warm-up call that compiles. Best of
---repeats. `tokens_match` says whether both produced the same tokens (float32 on both sides, so
+--repeats, the two sides taking turns (the machine may be shared: compare ratios within a run). `tokens_match` says whether both produced the same tokens (float32 on both sides, so
 they should, up to rare near-ties). The JAX cache is fixed at the context length (n_positions)
 so the decode step compiles once; transformers' cache grows with the sequence.
 Prints a table, then one JSON line per measurement and a final JSON line with all of them.
@@ -38,27 +38,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up: compiles (JAX) / allocates (torch)
-    times, out = [], None
+def best_of_interleaved(fns: dict, repeats: int) -> dict:
+    """{name: (best seconds, last output)}; one warm-up call each (compiles / allocates), then the
+    timed calls alternate between them so that load from other processes hits both alike."""
+    outs = {name: fn() for name, fn in fns.items()}
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            outs[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (best[name], outs[name]) for name in fns}
 
 
-def bench_jax(config, params, prompt: np.ndarray, new_tokens: int, repeats: int):
+def jax_generate(config, params, prompt: np.ndarray, new_tokens: int):
     import jax
 
     from gpt2_jax.sampling import Sampler, SamplingConfig
 
     sampler = Sampler(config, params, SamplingConfig(temperature=0.0))
     rng = jax.random.key(0)
-    return best_of(lambda: sampler.generate(prompt, new_tokens, rng, stop_at_eot=False), repeats)
+    return lambda: sampler.generate(prompt, new_tokens, rng, stop_at_eot=False)
 
 
-def bench_torch(model, prompt: np.ndarray, new_tokens: int, repeats: int, device: str):
+def torch_generate(model, prompt: np.ndarray, new_tokens: int, device: str):
     import torch
 
     ids = torch.tensor(prompt, dtype=torch.long, device=device)
@@ -69,7 +72,7 @@ def bench_torch(model, prompt: np.ndarray, new_tokens: int, repeats: int, device
                                  do_sample=False, use_cache=True)  # fmt: skip
         return out[:, prompt.shape[1] :].cpu().tolist()
 
-    return best_of(run, repeats)
+    return run
 
 
 def load_torch(folder: str, device: str):
@@ -108,8 +111,10 @@ def main(argv=None) -> int:
             prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (batch, args.prompt_len))
             prompt = prompt.astype(np.int32)
             new = min(args.new_tokens, config.n_positions - args.prompt_len)
-            jax_s, jax_tokens = bench_jax(config, params, prompt, new, args.repeats)
-            torch_s, torch_tokens = bench_torch(model, prompt, new, args.repeats, args.device)
+            timed = best_of_interleaved(
+                {"jax": jax_generate(config, params, prompt, new),
+                 "torch": torch_generate(model, prompt, new, args.device)}, args.repeats)  # fmt: skip
+            (jax_s, jax_tokens), (torch_s, torch_tokens) = timed["jax"], timed["torch"]
             row = {
                 "model": name, "params": count_params(params), "batch": batch, "prompt_len": args.prompt_len,
                 "new_tokens": new, "jax_tokens_per_sec": round(batch * new / jax_s, 1),
