@@ -1,6 +1,7 @@
 """CLI + train_and_evaluate(config, workdir): the training loop around steps.train_step / eval_step.
 
     python -m gpt2_jax.train --config configs/X.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]
+    python -m gpt2_jax.train --config configs/X.py --dry_run     # per-device memory and FLOPs, then exit
 
 The config is checked whole before anything compiles (`plan`): a config the trainer cannot run
 is refused with one line, `error: ...`, and exit status 2. Writes DIR/metrics.jsonl, TensorBoard
@@ -10,6 +11,7 @@ checkpoint.
 Exit status: 0 done; 2 a user error (config, data, workdir in use, no usable checkpoint);
 1 diverged (non-finite steps beyond max_bad_steps; the last good checkpoint is kept);
 143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (run the command again).
+With --dry_run: 0, or 1 if the step does not fit the device's memory.
 """
 
 from __future__ import annotations
@@ -63,6 +65,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return trainer.summary
 
 
+def compile_only(config: ml_collections.ConfigDict) -> int:
+    """--dry_run: compile the train step for the configured mesh and print per-device memory and
+    FLOPs, reading no data; 1 if it does not fit the device's memory, else 0."""
+    from gpt2_jax import dry_run
+
+    p = plan(config, data=False)
+    with sharding.use_mesh(p.mesh, p.rules):
+        trainer = Trainer(config, p)
+        estimate = dry_run.estimate(trainer, p, config.batch_size, config.grad_accum)
+    print(dry_run.report(estimate, p))
+    return 1 if estimate.fits is False else 0
+
+
 # --- CLI -------------------------------------------------------------------------------------
 
 
@@ -70,7 +85,7 @@ class UsageError(Exception):
     """A bad command line; main() prints it as `error: ...` and exits 2."""
 
 
-def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
+def parse_args(argv: list[str], require_workdir: bool = True) -> tuple[ml_collections.ConfigDict, str]:
     """(config, workdir) from `--config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]`."""
     from absl import flags
     from ml_collections import config_flags
@@ -96,7 +111,7 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
         raise UsageError(f"config {config_file}: {_first_line(e)}") from None
     if len(extra) > 1:
         raise UsageError(f"unexpected argument {extra[1]!r}")
-    if not fv.workdir:
+    if not fv.workdir and require_workdir:
         raise UsageError("--workdir DIR is required")
     return config, fv.workdir
 
@@ -157,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
         print(__doc__.strip())
         return 0
+    dry_run = "--dry_run" in argv
+    argv = [a for a in argv if a != "--dry_run"]
     try:
-        config, workdir = parse_args(argv)
+        config, workdir = parse_args(argv, require_workdir=not dry_run)
+        if dry_run:
+            return compile_only(config)
         train_and_evaluate(config, workdir)
     except USER_ERRORS as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)

@@ -43,6 +43,7 @@ def test_meshes_and_grad_accumulation_give_the_same_losses(shards, tmp_path):
     runs = {
         "8x1x1": dict(),
         "2x4x1": {"mesh.data": 2, "mesh.fsdp": 4},
+        "1x8x1": {"mesh.data": 1, "mesh.fsdp": 8},
         "2x2x2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
         "2x2x2 accum 2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "grad_accum": 2},
     }

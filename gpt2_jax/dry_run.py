@@ -1,0 +1,105 @@
+"""`train --dry_run`: compile the train step ahead of time and report per-device memory and FLOPs.
+
+Nothing is allocated and no data is read: the step is lowered from abstract shapes carrying the
+run's shardings, and XLA's memory analysis of the compiled (partitioned) program gives what one
+device needs: arguments (the train state and a batch), outputs (the new state; donated, so it
+reuses the arguments' buffers), and temporaries (activations, gradients, optimizer scratch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from gpt2_jax import metrics
+from gpt2_jax.plan import Plan
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    arguments: int  # bytes per device
+    outputs: int
+    aliased: int  # outputs written into donated arguments
+    temporaries: int
+    code: int
+    device_memory: int | None  # what the device reports it can hold; None where unknown (CPU)
+    model_flops_per_step: float  # 6N + attention, per token, x tokens per step (all devices)
+    xla_flops: float | None  # XLA's count for one device's program (a loop body counts once)
+    compile_seconds: float
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.total <= self.device_memory
+
+
+def estimate(trainer, p: Plan, batch_size: int, grad_accum: int) -> Estimate:
+    """Compile `trainer.train_fn` for this plan's mesh from abstract values (see module doc)."""
+    import time
+
+    micro = (grad_accum, batch_size // grad_accum, p.block_size)
+    batch = {k: jax.ShapeDtypeStruct(micro, np.int32, sharding=trainer.train_batch_sharding)
+             for k in ("inputs", "targets")}  # fmt: skip
+    start = time.perf_counter()
+    compiled = trainer.train_fn.lower(trainer.abstract_state, batch).compile()
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost["flops"]) if cost and cost.get("flops", -1) >= 0 else None
+    return Estimate(
+        arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes, aliased=mem.alias_size_in_bytes,
+        temporaries=mem.temp_size_in_bytes, code=mem.generated_code_size_in_bytes,
+        device_memory=_device_memory(p.mesh.devices.flat[0]),
+        model_flops_per_step=metrics.flops_per_token(p.model, p.block_size) * batch_size * p.block_size,
+        xla_flops=xla_flops, compile_seconds=seconds,
+    )  # fmt: skip
+
+
+def _device_memory(device) -> int | None:
+    try:
+        stats = device.memory_stats()
+    except Exception:  # not every backend implements it
+        return None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def report(e: Estimate, p: Plan) -> str:
+    """The estimate as lines of text, with advice when it does not fit."""
+    n = p.mesh.devices.size
+    gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    lines = [
+        f"dry run: train step compiled for {sharding_text(p)} in {e.compile_seconds:.1f} s; per device:",
+        f"  arguments    {gib(e.arguments)}   (train state + batch)",
+        f"  outputs      {gib(e.outputs)}   ({gib(e.aliased).strip()} of it written into donated arguments)",
+        f"  temporaries  {gib(e.temporaries)}   (activations, gradients, optimizer scratch)",
+        f"  code         {gib(e.code)}",
+        f"  total        {gib(e.total)}",
+        f"model FLOPs per step: {e.model_flops_per_step:.3e} ({e.model_flops_per_step / n:.3e} per device)"
+        + (f"; XLA's count for one device's program: {e.xla_flops:.3e} (loops counted once)" if e.xla_flops else ""),
+    ]
+    if e.device_memory is None:
+        lines.append("device memory: not reported by this backend; compare the total with your accelerator's")
+    elif e.fits:
+        lines.append(f"fits: {e.total / GIB:.2f} of {e.device_memory / GIB:.2f} GiB device memory")
+    else:
+        lines.append(f"does NOT fit: needs {e.total / GIB:.2f} GiB per device, the device has "
+                     f"{e.device_memory / GIB:.2f} GiB. " + ADVICE)  # fmt: skip
+    return "\n".join(lines)
+
+
+ADVICE = ("To shrink it: raise grad_accum (smaller microbatches, fewer activations), set "
+          "model.remat=dots_saveable or full, shard parameters and optimizer state with mesh.fsdp=-1, "
+          "or lower batch_size")
+
+
+def sharding_text(p: Plan) -> str:
+    shape = dict(p.mesh.shape)
+    return f"mesh data={shape['data']} x fsdp={shape['fsdp']} x tensor={shape['tensor']} ({p.mesh.devices.size} devices)"
