@@ -108,6 +108,7 @@ class MetricsWriter:
         *,
         total_steps: int,
         start_step: int = 0,
+        drop_after: int | None = None,
         enabled: bool = True,
         progress: bool = True,
         wandb_project: str = "",
@@ -119,7 +120,10 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(workdir, "metrics.jsonl")
+        if drop_after is not None:  # a (re)started run: earlier rows past its start are stale
+            _drop_rows_after(path, drop_after)
+        self._jsonl = open(path, "a", buffering=1)
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(logdir=workdir)
@@ -181,6 +185,29 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.finish()
         self._jsonl = self._tb = self._wandb = self._bar = None
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """A resumed run starts after its checkpoint's step: rows a killed run logged past it are
+    replaced by the resumed run's, so each step appears once (the file is rewritten atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    # a last line without its newline was cut short by a kill: dropped, it would merge with the next
+    keep = [line for line in lines if line.endswith("\n") and _row_step(line) <= step]
+    if len(keep) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return 0  # not a row of ours: kept
 
 
 def _plain(v):

@@ -52,7 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state = resumed[0] if resumed else trainer.initial_state()
             start = int(to_host(state.step))
             writer = metrics.MetricsWriter(
-                workdir, total_steps=p.total_steps, start_step=start,
+                workdir, total_steps=p.total_steps, start_step=start, drop_after=start,
                 enabled=jax.process_index() == 0, progress=config.progress_bar,
                 wandb_project=config.wandb.project, wandb_name=config.wandb.name, run_config=config.to_dict())  # fmt: skip
             with writer, StopRequest() as stop:

@@ -80,3 +80,17 @@ def test_flops_per_token_of_gpt2_124m_matches_6n_plus_attention_within_1_percent
     formula = 6 * 124_439_808 + 12 * 12 * 1024 * 768
     assert metrics.flops_per_token(gpt2, 1024) == pytest.approx(formula, rel=0.01)
     assert metrics.flops_per_token(gpt2.replace(vocab_pad_multiple=128), 1024) == pytest.approx(formula, rel=0.01)
+
+
+def test_a_resumed_writer_drops_rows_logged_after_its_checkpoint(tmp_path):
+    from gpt2_jax.metrics import MetricsWriter
+
+    with MetricsWriter(str(tmp_path), total_steps=10, progress=False) as w:
+        for step in range(1, 8):
+            w.write(step, {"loss": float(step)}, "train")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "lo')  # killed mid-line
+    with MetricsWriter(str(tmp_path), total_steps=10, start_step=5, drop_after=5, progress=False) as w:
+        w.write(6, {"loss": 60.0}, "train")
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0)]

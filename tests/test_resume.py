@@ -47,7 +47,7 @@ def _assert_bit_identical(a, b):
 
 
 def _losses_by_step(workdir):
-    """The loss of each step; where a killed run and its resumption both logged a step, the later."""
+    """The loss of each step (the last row of a step, were there several)."""
     train_rows, _ = rows(workdir)
     return {r["step"]: r["loss"] for r in train_rows}
 
@@ -79,6 +79,8 @@ def test_sigkill_after_a_checkpoint_and_during_a_save_then_resume_is_bit_exact(s
     assert _steps(workdir) == [4, 8, 12]
     _assert_bit_identical(_params(workdir, 12), _params(baseline, 12))
     assert _losses_by_step(workdir) == _losses_by_step(baseline)  # the same batches, in the same order
+    train_rows, _ = rows(workdir)  # rows the killed runs logged after their checkpoint were dropped
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
 
 
 def test_resume_on_4_then_8_devices_continues_with_the_same_batches(shards, baseline, tmp_path):
