@@ -3,6 +3,10 @@
     python -m gpt2_jax.train --config configs/X.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]
     python -m gpt2_jax.train --config configs/X.py --dry_run     # per-device memory and FLOPs, then exit
 
+Several processes (a TPU pod, SLURM, launch/local.sh) join through jax.distributed: from the
+environment, or --coordinator HOST:PORT --num_processes N --process_id I [--coordinator_port P]
+[--init_timeout S] [--heartbeat_timeout S] (see gpt2_jax/distributed.py).
+
 The config is checked whole before anything compiles (`plan`): a config the trainer cannot run
 is refused with one line, `error: ...`, and exit status 2. Writes DIR/metrics.jsonl, TensorBoard
 events and DIR/checkpoints/<step>/. Run the same command again to resume from the newest usable
@@ -26,8 +30,9 @@ import jax
 import ml_collections
 
 from gpt2_jax import data as data_lib
-from gpt2_jax import hf, metrics, sharding
+from gpt2_jax import distributed, hf, metrics, sharding
 from gpt2_jax.checkpoint import CheckpointError, Checkpoints
+from gpt2_jax.cli import UserError
 from gpt2_jax.lock import WorkdirBusy, WorkdirLock
 from gpt2_jax.plan import ConfigError, plan
 from gpt2_jax.preemption import Preempted, StopRequest
@@ -164,7 +169,7 @@ def _first_line(e: BaseException) -> str:
     return lines[0]
 
 
-USER_ERRORS = (UsageError, ConfigError, data_lib.DataError, hf.HFFormatError, CheckpointError, WorkdirBusy)
+USER_ERRORS = (UsageError, UserError, ConfigError, data_lib.DataError, hf.HFFormatError, CheckpointError, WorkdirBusy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     dry_run = "--dry_run" in argv
     argv = [a for a in argv if a != "--dry_run"]
     try:
+        argv, multi_process = distributed.pop_flags(argv)
+        distributed.initialize(**multi_process)  # before anything touches a device
         config, workdir = parse_args(argv, require_workdir=not dry_run)
         if dry_run:
             return compile_only(config)
@@ -195,4 +202,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit(main())
