@@ -1,6 +1,7 @@
 """gpt2_jax.distributed and launch/local.sh: settings resolution, 2 processes x 2 CPU devices
 doing cross-process collectives, and failures that end the run instead of hanging it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -196,3 +197,55 @@ def test_local_sh_help_and_early_errors():
     assert bad.returncode == 2 and "N must be a positive integer" in bad.stderr
     missing = subprocess.run(["bash", str(LOCAL_SH), "2", "no-such-command-xyz"], capture_output=True, text=True)
     assert missing.returncode == 2 and "command not found: no-such-command-xyz" in missing.stderr
+
+
+# --- training: 2 processes x 2 devices against 1 process x 4 devices -----------------------------
+
+# What train.py's main does for a multi-process run (pop the flags, join, train, leave).
+TRAIN = (
+    "import sys; from gpt2_jax import distributed, train; "
+    "argv, kw = distributed.pop_flags(sys.argv); distributed.initialize(**kw); distributed.exit(train.main(argv))"
+)
+# Constant learning rate, so a 4-step run and the first 4 steps of an 8-step run are the same steps.
+TINY = ["--config", str(ROOT / "configs" / "tiny.py"), "--config.log_every=1", "--config.eval_every=0",
+        "--config.sample.length=0", "--config.progress_bar=False", "--config.warmup_steps=0",
+        "--config.min_lr_ratio=1.0", "--config.checkpoint_every=100"]  # fmt: skip
+
+
+def _train(workdir, steps, processes):
+    args = [*TINY, f"--workdir={workdir}", f"--config.total_steps={steps}"]
+    if processes == 1:
+        cmd = [sys.executable, "-c", TRAIN, *args]
+        proc = subprocess.run(cmd, env=_env(JAX_NUM_CPU_DEVICES="4"), capture_output=True, text=True, timeout=120)
+    else:
+        proc, _ = _local(processes, sys.executable, "-c", TRAIN, *args, timeout=120, TIMEOUT="110",
+                         DEVICES_PER_PROCESS="2", GPT2_JAX_INIT_TIMEOUT="60")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("one") / "run", 8, processes=1)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two") / "run"
+    return workdir, _train(workdir, 4, processes=2)
+
+
+def test_two_processes_train_like_one_process_with_four_devices(one_process_losses, two_process_run):
+    _, losses = two_process_run
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step, loss in losses.items():
+        assert loss == pytest.approx(one_process_losses[step], rel=1e-5, abs=1e-6), step
+
+
+def test_two_process_checkpoint_resumes_in_one_process(one_process_losses, two_process_run):
+    workdir, _ = two_process_run
+    assert (workdir / "checkpoints" / "4").is_dir()
+    resumed = _train(workdir, 8, processes=1)  # metrics.jsonl is appended to: steps 1-4, then 5-8
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(one_process_losses[step], rel=1e-5, abs=1e-6), step
