@@ -222,7 +222,9 @@ def _train(workdir, steps, processes):
                          DEVICES_PER_PROCESS="2", GPT2_JAX_INIT_TIMEOUT="60")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    assert len(losses) == sum("loss" in r for r in rows), "a step was logged twice (by more than process 0?)"
+    return losses
 
 
 @pytest.fixture(scope="module")
