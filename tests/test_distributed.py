@@ -201,11 +201,6 @@ def test_local_sh_help_and_early_errors():
 
 # --- training: 2 processes x 2 devices against 1 process x 4 devices -----------------------------
 
-# What train.py's main does for a multi-process run (pop the flags, join, train, leave).
-TRAIN = (
-    "import sys; from gpt2_jax import distributed, train; "
-    "argv, kw = distributed.pop_flags(sys.argv); distributed.initialize(**kw); distributed.exit(train.main(argv))"
-)
 # Constant learning rate, so a 4-step run and the first 4 steps of an 8-step run are the same steps.
 TINY = ["--config", str(ROOT / "configs" / "tiny.py"), "--config.log_every=1", "--config.eval_every=0",
         "--config.sample.length=0", "--config.progress_bar=False", "--config.warmup_steps=0",
@@ -215,10 +210,10 @@ TINY = ["--config", str(ROOT / "configs" / "tiny.py"), "--config.log_every=1", "
 def _train(workdir, steps, processes):
     args = [*TINY, f"--workdir={workdir}", f"--config.total_steps={steps}"]
     if processes == 1:
-        cmd = [sys.executable, "-c", TRAIN, *args]
+        cmd = [sys.executable, "-m", "gpt2_jax.train", *args]
         proc = subprocess.run(cmd, env=_env(JAX_NUM_CPU_DEVICES="4"), capture_output=True, text=True, timeout=120)
     else:
-        proc, _ = _local(processes, sys.executable, "-c", TRAIN, *args, timeout=120, TIMEOUT="110",
+        proc, _ = _local(processes, sys.executable, "-m", "gpt2_jax.train", *args, timeout=120, TIMEOUT="110",
                          DEVICES_PER_PROCESS="2", GPT2_JAX_INIT_TIMEOUT="60")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
@@ -251,3 +246,13 @@ def test_two_process_checkpoint_resumes_in_one_process(one_process_losses, two_p
     resumed = _train(workdir, 8, processes=1)  # metrics.jsonl is appended to: steps 1-4, then 5-8
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(one_process_losses[step], rel=1e-5, abs=1e-6), step
+
+
+def test_train_cli_refuses_incomplete_multi_process_flags_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "gpt2_jax.train", *TINY, f"--workdir={tmp_path / 'run'}", "--num_processes", "2"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: a multi-process run needs --coordinator (or JAX_COORDINATOR_ADDRESS), "
+        "--process_id (or JAX_PROCESS_ID) as well"
+    )
