@@ -3,6 +3,7 @@ doing cross-process collectives, and failures that end the run instead of hangin
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -133,6 +134,35 @@ def test_join_timeout_is_one_line_naming_the_process(worker):
         "error: process 1 of 2 (explicit, coordinator 127.0.0.1:1) timed out after 2 s"
     )
     assert time.monotonic() - start < 30
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_slurm_variables_alone_start_a_two_process_run(worker):
+    """What srun sets for 2 tasks on one node (launch/slurm_gpu.sbatch); no JAX_* settings."""
+    slurm = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+             "JAX_COORDINATOR_PORT": _free_port(), "JAX_NUM_CPU_DEVICES": "2", "GPT2_JAX_INIT_TIMEOUT": "30"}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), "ok"],
+            env=_env(SLURM_PROCID=str(i), SLURM_LOCALID=str(i), **slurm),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, out in enumerate(outs):
+        assert f"RESULT {i} 2 4 22.0 22.0 [0.0, 1.0, 10.0, 11.0]" in out, out
 
 
 # --- settings (no processes started) ---------------------------------------------------------
