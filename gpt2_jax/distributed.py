@@ -194,8 +194,8 @@ def initialize(
             "the distributed runtime must start before anything uses JAX devices; call "
             "gpt2_jax.distributed.initialize() first thing in main()"
         )
-    if plan.source == "slurm" and port is not None:
-        os.environ["JAX_COORDINATOR_PORT"] = str(port)  # JAX reads it for detected coordinators
+    if plan.coordinator is None and port is not None:  # SLURM / TPU: JAX finds the host, we set the port
+        os.environ["JAX_COORDINATOR_PORT"] = str(port)
     if jax.config.jax_cpu_collectives_implementation is None:  # cross-process collectives on CPU
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     watchdog = threading.Timer(plan.init_timeout, _join_timed_out, args=(plan,))
