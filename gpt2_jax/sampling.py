@@ -52,8 +52,10 @@ def sample_next(logits, rng, sampling: SamplingConfig):
 
 
 class Sampler:
-    """Compiles a prefill and a one-token decode step for a model; the cache holds
-    `config.n_positions` tokens, so the decode step compiles once whatever the prompt."""
+    """Compiles a prefill and a one-token decode step for a model. The cache holds prompt +
+    max_new_tokens rounded up to a multiple of CACHE_MULTIPLE (at most n_positions): each
+    decode step reads the whole cache, so a short generation should not pay for the full
+    context, and lengths in one bucket share one compiled decode step."""
 
     def __init__(self, config: GPT2Config, params, sampling: SamplingConfig = SamplingConfig()):
         self.config, self.params, self.sampling = config, params, sampling
@@ -86,7 +88,7 @@ class Sampler:
         Stops early once every row has produced <|endoftext|> (if `stop_at_eot`)."""
         prompt = np.asarray(prompt, np.int32)
         self.check_length(prompt.shape[1], max_new_tokens)
-        cache = init_cache(self.config, prompt.shape[0])
+        cache = init_cache(self.config, prompt.shape[0], cache_length(self.config, prompt.shape[1] + max_new_tokens))
         keys = jax.random.split(rng, max_new_tokens)
         token, cache = self._prefill(self.params, cache, jnp.asarray(prompt), keys[0])
         done = np.zeros(prompt.shape[0], bool)
@@ -104,6 +106,14 @@ class Sampler:
         steps = list(self.stream(prompt, max_new_tokens, rng, stop_at_eot))
         rows = np.stack(steps, axis=1).tolist() if steps else [[] for _ in range(len(prompt))]
         return [_cut_at_eot(r) if stop_at_eot else r for r in rows]
+
+
+CACHE_MULTIPLE = 128
+
+
+def cache_length(config: GPT2Config, tokens: int) -> int:
+    """KV-cache positions for sequences of `tokens` tokens: rounded up to CACHE_MULTIPLE."""
+    return min(config.n_positions, -(-tokens // CACHE_MULTIPLE) * CACHE_MULTIPLE)
 
 
 def _cut_at_eot(tokens: list[int]) -> list[int]:
