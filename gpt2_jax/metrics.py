@@ -150,6 +150,8 @@ class MetricsWriter:
             self._wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
         if prefix == "train" and self._bar is not None:
             self._bar.set_postfix_str(_postfix(row), refresh=False)
+        elif prefix == "train":  # no progress bar (logs, several processes): a line per logged step
+            print(f"step {step}: {_postfix(row)}", flush=True)
 
     def text(self, step: int, tag: str, text: str) -> None:
         if not self.enabled:
@@ -215,7 +217,7 @@ def _plain(v):
 
 
 def _postfix(row: dict) -> str:
-    parts = [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
+    parts = [f"loss {row['loss']:.4f}"] + ([f"lr {row['lr']:.2e}"] if "lr" in row else [])
     if "tokens_per_sec" in row:
         parts.append(f"{row['tokens_per_sec']:,.0f} tok/s")
     if "mfu" in row:
