@@ -8,8 +8,12 @@ batch k = stream[k * G : (k + 1) * G]; host p of P reads rows [p * G/P, (p + 1) 
 the global batch does not depend on the number of hosts, and the iterator state is one number
 (the next global batch) plus what the order depends on; it is the same on every host.
 
+Prompt/completion data (shards with .mask files, see gpt2_jax/pairs.py) is read as one example
+per row instead of windows, padded, with weights 1 only on completion targets; pretraining
+batches carry all-ones weights, so the trainer takes one path for both.
+
     it = make_train_iterator(path, block_size=1024, global_batch_size=512, seed=0)
-    batch = to_global_batch(next(it), sharding)      # {"inputs", "targets"}: int32 [512, 1024]
+    batch = to_global_batch(next(it), sharding)      # {"inputs", "targets"}: int32 [512, 1024], "weights"
     state = it.get_state()                           # small JSON-able dict; it.set_state(state)
 """
 
@@ -26,7 +30,7 @@ import jax
 import numpy as np
 
 from gpt2_jax.prepare import HEADER_BYTES, MAGIC, VERSION
-from gpt2_jax.tokenizer import VOCAB_SIZE
+from gpt2_jax.tokenizer import EOT_ID, VOCAB_SIZE
 
 NUM_THREADS = 2  # threads reading batches ahead of the training step
 PREFETCH_BATCHES = 4  # host batches kept ready
@@ -115,26 +119,96 @@ class Windows:
         )
 
 
+    def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """inputs / targets int32 and weights float32 (all ones) [len(ids), block_size]."""
+        tokens = self.read(ids)
+        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones(tokens[:, 1:].shape, np.float32)}
+
+
+def load_mask(file: str, n_tokens: int) -> np.ndarray:
+    """The uint8 loss mask beside a token shard (gpt2_jax/pairs.py), checked against it."""
+    from gpt2_jax.pairs import MASK_MAGIC
+
+    with open(file, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    if len(header) < 3 or header[0] != MASK_MAGIC or header[2] != n_tokens:
+        raise DataError(f"{file}: not the loss mask of its {n_tokens:,}-token shard; re-run prepare")
+    return np.memmap(file, dtype=np.uint8, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+class Examples:
+    """Random access to the prompt/completion examples of one split (shards with .mask files):
+    one example per row, padded after its end, weights 1 only on completion targets. Padding
+    instead of packing: with one example per row, attention never sees another example, so
+    nothing leaks between them; short fine-tuning examples waste some compute on padding."""
+
+    def __init__(self, path: str, split: str, block_size: int, vocab_size: int = VOCAB_SIZE):
+        from gpt2_jax.pairs import START
+
+        self.files = shard_files(path, split)
+        self.shards = [load_shard(f) for f in self.files]
+        self.masks = [load_mask(f[: -len(".bin")] + ".mask", len(s)) for f, s in zip(self.files, self.shards)]
+        self.block_size, self.vocab_size = block_size, vocab_size
+        starts = [np.flatnonzero(np.asarray(m) == START) for m in self.masks]
+        self.spans = np.array([(i, a, b) for i, (st, s) in enumerate(zip(starts, self.shards))
+                               for a, b in zip(st, [*st[1:], len(s)])], dtype=np.int64).reshape(-1, 3)  # fmt: skip
+        if not len(self.spans):
+            raise DataError(f"the {split} split in {path} holds no examples")
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Each example's last block_size + 1 tokens (a longer prompt loses its start), then
+        <|endoftext|> padding with weight 0."""
+        from gpt2_jax.pairs import COMPLETION
+
+        T = self.block_size
+        tokens = np.full((len(ids), T + 1), EOT_ID, dtype=np.int32)
+        counted = np.zeros((len(ids), T + 1), dtype=np.float32)
+        for row, (shard, a, b) in enumerate(self.spans[np.asarray(ids, np.int64)]):
+            a = max(a, b - (T + 1))
+            tokens[row, : b - a] = self.shards[shard][a:b]
+            counted[row, : b - a] = self.masks[shard][a:b] == COMPLETION
+        if tokens.max() >= self.vocab_size:
+            raise DataError(f"token ids >= the vocabulary size {self.vocab_size} in {self.files[0]}...; "
+                            "these shards were made with another tokenizer")  # fmt: skip
+        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": counted[:, 1:]}
+
+
+def has_masks(path: str, split: str) -> bool:
+    """True for prompt/completion data (prepare --completion_field): .mask files beside the shards."""
+    return all(os.path.exists(f[: -len(".bin")] + ".mask") for f in shard_files(path, split))
+
+
+def open_split(path: str, split: str, block_size: int, vocab_size: int = VOCAB_SIZE) -> Windows | Examples:
+    """Examples for prompt/completion data, else windows of a token stream."""
+    kind = Examples if has_masks(path, split) else Windows
+    return kind(path, split, block_size, vocab_size)
+
+
 def num_windows(path: str, block_size: int, split: str = "train") -> int:
-    """Windows in one epoch of a split: epochs done = batches * global_batch_size / this."""
-    return len(Windows(path, split, block_size))
+    """Rows in one epoch of a split (windows, or examples): epochs = batches * global_batch_size / this."""
+    return len(open_split(path, split, block_size))
 
 
 # --- batches --------------------------------------------------------------------------------
 
 
-def _train_batch(windows: Windows, ids: np.ndarray) -> dict[str, np.ndarray]:
-    tokens = windows.read(ids)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+def _train_batch(windows: Windows | Examples, ids: np.ndarray) -> dict[str, np.ndarray]:
+    return windows.batch(ids)
 
 
-def _eval_batch(windows: Windows, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Ids past the last window are padding rows: zero tokens and zero weights."""
+def _eval_batch(windows: Windows | Examples, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Ids past the last row are padding rows: zero tokens and zero weights."""
     valid = ids < len(windows)
-    tokens = np.zeros((len(ids), windows.block_size + 1), dtype=np.int32)
-    tokens[valid] = windows.read(ids[valid])
-    weights = np.repeat(valid.astype(np.float32)[:, None], windows.block_size, axis=1)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+    T = windows.block_size
+    out = {"inputs": np.zeros((len(ids), T), np.int32), "targets": np.zeros((len(ids), T), np.int32),
+           "weights": np.zeros((len(ids), T), np.float32)}  # fmt: skip
+    if valid.any():
+        for k, v in windows.batch(ids[valid]).items():
+            out[k][valid] = v
+    return out
 
 
 class HostShare(NamedTuple):
@@ -210,10 +284,11 @@ def make_train_iterator(path: str, *, block_size: int, global_batch_size: int, s
                         process_index: int | None = None, process_count: int | None = None,
                         split: str = "train", num_threads: int = NUM_THREADS,
                         prefetch_batches: int = PREFETCH_BATCHES, vocab_size: int = VOCAB_SIZE) -> BatchIterator:  # fmt: skip
-    """Infinite shuffled training batches for this host: {"inputs", "targets"} int32
+    """Infinite shuffled training batches for this host: {"inputs", "targets"} int32 and "weights"
+    float32 (ones; for prompt/completion data, ones on completion targets only), each
     [global_batch_size / process_count, block_size]. Epoch e is a permutation of all windows
     from (seed, e); a batch may span two epochs; nothing is dropped or repeated within an epoch."""
-    windows = Windows(path, split, block_size, vocab_size)
+    windows = open_split(path, split, block_size, vocab_size)
     share = host_share(global_batch_size, process_index, process_count)
     ids = grain.MapDataset.range(len(windows)).shuffle(seed=_mix(seed)).repeat()
     identity = {"split": split, "seed": seed, "block_size": block_size,
@@ -229,7 +304,7 @@ def make_eval_iterator(path: str, *, block_size: int, global_batch_size: int,
     """One pass over the split's windows in order (finite: `it.num_batches` batches). The last
     global batch is padded with zero-token rows, so every window counts once: batches carry
     "weights" float32 [rows, block_size], 1 on real rows and 0 on padding."""
-    windows = Windows(path, split, block_size, vocab_size)
+    windows = open_split(path, split, block_size, vocab_size)
     share = host_share(global_batch_size, process_index, process_count)
     num_batches = -(-len(windows) // global_batch_size)
     identity = {"split": split, "block_size": block_size, "global_batch_size": global_batch_size,

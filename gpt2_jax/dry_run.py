@@ -45,8 +45,8 @@ def estimate(trainer, p: Plan, batch_size: int, grad_accum: int) -> Estimate:
     import time
 
     micro = (grad_accum, batch_size // grad_accum, p.block_size)
-    batch = {k: jax.ShapeDtypeStruct(micro, np.int32, sharding=trainer.train_batch_sharding)
-             for k in ("inputs", "targets")}  # fmt: skip
+    batch = {k: jax.ShapeDtypeStruct(micro, dtype, sharding=trainer.train_batch_sharding)
+             for k, dtype in (("inputs", np.int32), ("targets", np.int32), ("weights", np.float32))}  # fmt: skip
     start = time.perf_counter()
     compiled = trainer.train_fn.lower(trainer.abstract_state, batch).compile()
     seconds = time.perf_counter() - start

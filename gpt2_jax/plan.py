@@ -200,6 +200,20 @@ def _check_shardings(model: GPT2Config, mesh, rules) -> None:
                           "(or model.vocab_pad_multiple for the vocabulary)")
 
 
+def _check_rouge(c: ml_collections.ConfigDict, model: GPT2Config) -> None:
+    if not c.rouge.path:
+        return
+    _require(os.path.isfile(c.rouge.path), f"rouge.path {c.rouge.path} is not a file (a jsonl of prompt/completion "
+             "rows, e.g. the val_pairs.jsonl that prepare --completion_field writes)")  # fmt: skip
+    _require(c.rouge.examples >= 1, f"rouge.examples must be >= 1, got {c.rouge.examples}")
+    _require(1 <= c.rouge.max_new_tokens < model.n_positions,
+             f"rouge.max_new_tokens must be in [1, {model.n_positions}), got {c.rouge.max_new_tokens}")  # fmt: skip
+    try:
+        import rouge_score  # noqa: F401
+    except ImportError:
+        raise ConfigError("rouge.path is set but rouge-score is not installed: pip install rouge-score") from None
+
+
 def plan(c: ml_collections.ConfigDict, data: bool = True) -> Plan:
     """Check `c` and derive the run from it; ConfigError names the first problem. Reads only
     small files (HF config.json, shard headers); compiles nothing. data=False (bench, dry runs)
@@ -219,6 +233,7 @@ def plan(c: ml_collections.ConfigDict, data: bool = True) -> Plan:
             import wandb  # noqa: F401
         except ImportError:
             raise ConfigError("wandb.project is set but wandb is not installed: pip install 'gpt2_jax[wandb]'") from None
+    _check_rouge(c, model)
     prompt = _prompt(c, model)
     path, windows, total = "", 0, c.total_steps
     if data:

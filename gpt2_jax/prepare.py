@@ -534,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
                    help=f"tokens per shard (default: {DEFAULT_SHARD_SIZE:,})")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    pairs = p.add_argument_group("fine-tuning examples (loss on the completion only; see gpt2_jax/pairs.py)")
+    pairs.add_argument("--completion_field", metavar="G", help="jsonl / dataset field of the completion")
+    pairs.add_argument("--prompt_field", default="prompt", metavar="F", help="field of the prompt (default: prompt)")
+    pairs.add_argument("--template", metavar="T", help='prompt built from fields, e.g. "{dialogue}\\nTL;DR: "')
+    pairs.add_argument("--block_size", type=int, default=1024, metavar="N",
+                       help="longest example in tokens; longer prompts lose their start (default: 1024)")  # fmt: skip
     return p
 
 
@@ -569,6 +575,8 @@ def run(args) -> dict:
     """Validates arguments and inputs (before writing anything), then writes the dataset."""
     _check_args(args)
     check_out(args.out, args.overwrite)
+    if args.completion_field or args.template:
+        return _run_pairs(args)
     settings = Settings(args.errors, args.field, args.val_fraction)
     if args.hf_dataset:
         chunks, files, total = hf_chunks(args.hf_dataset, args.hf_config, args.split, args.field), None, None
@@ -580,11 +588,39 @@ def run(args) -> dict:
                          total_bytes=total)  # fmt: skip
 
 
+def _run_pairs(args) -> dict:
+    from gpt2_jax import pairs
+
+    if not args.completion_field:
+        raise UserError("--template needs --completion_field G (the field the loss is taken on)")
+    if args.block_size < 2:
+        raise UserError(f"--block_size must be at least 2, got {args.block_size}")
+    if args.template:
+        pairs.template_fields(args.template)  # a malformed template fails before anything is read
+    if args.hf_dataset:
+        rows, files = pairs.hf_rows(args.hf_dataset, args.hf_config, args.split), None
+    else:
+        files = expand_inputs(args.input, skip=args.out)
+        if any(file_kind(f, args.format) != "jsonl" for f in files):
+            raise UserError("prompt/completion examples are read from jsonl files (--format jsonl) or --hf_dataset")
+        rows = pairs.jsonl_rows(files)
+    examples = (pairs.make_pair(where, row, args.prompt_field, args.completion_field, args.template)
+                for where, row in rows)  # fmt: skip
+    source = {**_source(args, files), "prompt_field": args.prompt_field, "completion_field": args.completion_field,
+              "template": args.template}  # fmt: skip
+    return pairs.write_pairs(examples, args.out, block_size=args.block_size, val_fraction=args.val_fraction,
+                             shard_size=args.shard_size, source=source, overwrite=args.overwrite)  # fmt: skip
+
+
 def _report(meta: dict, out: str, seconds: float) -> str:
     parts = []
     for split in ("train", "val"):
         s = meta[split]
         parts.append(f"{split} {s['documents']:,} docs, {s['tokens']:,} tokens in {len(s['files'])} shard(s)")
+    if meta.get("loss_mask"):
+        cut = meta["train"]["truncated_prompts"] + meta["val"]["truncated_prompts"]
+        return (f"wrote {out}: {'; '.join(parts).replace('docs', 'examples')}; {cut:,} prompt(s) cut from the left "
+                f"to fit {meta['block_size']} tokens; loss on completions only; in {seconds:.1f} s")  # fmt: skip
     mb = meta["input_bytes"] / 1e6
     return f"wrote {out}: {'; '.join(parts)}; {mb:.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):.1f} MB/s)"
 

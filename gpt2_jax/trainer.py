@@ -110,6 +110,11 @@ class Trainer:
         self.sampler = None
         if p.prompt and jax.process_count() == 1:  # TODO(multi-host): gather sampled tokens across processes
             self.sampler = Sampler(p.model, None, SamplingConfig(c.sample.temperature, c.sample.top_k))
+        self.rouge_rows = []  # held-out prompt/completion rows scored at each evaluation (single process)
+        if c.rouge.path and jax.process_count() == 1:
+            from gpt2_jax.summarize import read_pairs
+
+            self.rouge_rows = read_pairs(c.rouge.path)[: c.rouge.examples]
         self.summary: dict = {}
         self.skipped = 0  # non-finite updates seen so far (restored with the optimizer state)
 
@@ -248,6 +253,9 @@ class Trainer:
     def _evaluate(self, writer, step: int, state) -> None:
         row = self.validation_loss(state)
         message = f"step {step}: val_loss {row['val_loss']:.4f}, val_ppl {row['val_ppl']:.2f}"
+        if self.rouge_rows:
+            row.update(self.rouge(state))
+            message += ", " + ", ".join(f"{k} {row[k]:.3f}" for k in ("rouge1", "rouge2", "rougeL"))
         if self.sampler is not None:
             row["sample"] = self.sample(state)
             writer.text(step, "sample", row["sample"])
@@ -268,6 +276,16 @@ class Trainer:
         tokens = sum(float(r["tokens"]) for r in results)
         loss = sum(float(r["loss"]) * float(r["tokens"]) for r in results) / max(tokens, 1.0)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(tokens)}
+
+    def rouge(self, state) -> dict:
+        """ROUGE-1/2/L F of greedy completions of the held-out prompts (rouge.path)."""
+        import flax.linen as nn
+
+        from gpt2_jax.summarize import rouge_eval
+
+        with nn.logical_axis_rules(()):
+            scores, _ = rouge_eval(self.p.model, state.params, self.rouge_rows, self.c.rouge.max_new_tokens)
+        return {**{k: scores[k] for k in ("rouge1", "rouge2", "rougeL")}, "rouge_mean_len": scores["mean_len"]}
 
     def sample(self, state) -> str:
         """The fixed prompt continued by the current parameters, with the same random key every

@@ -174,9 +174,10 @@ def test_to_global_batch_shards_rows_over_the_mesh(shards):
     sharding = NamedSharding(mesh, P("data", None))
     batch = next(train(shards))
     arrays = data.to_global_batch(batch, sharding)
-    assert set(arrays) == {"inputs", "targets"}
+    assert set(arrays) == {"inputs", "targets", "weights"}
+    assert np.all(np.asarray(arrays["weights"]) == 1.0)  # pretraining: every target counts
     for key, array in arrays.items():
-        assert array.shape == (8, T) and array.dtype == np.int32 and array.sharding == sharding
+        assert array.shape == (8, T) and array.dtype == batch[key].dtype and array.sharding == sharding
         np.testing.assert_array_equal(np.asarray(array), batch[key])
         assert [s.data.shape for s in array.addressable_shards] == [(1, T)] * 8
 
