@@ -1,10 +1,12 @@
-"""CLI: loss / perplexity over token shards, and HellaSwag accuracy, for a checkpoint or an HF folder.
+"""CLI: loss / perplexity over token shards, HellaSwag accuracy and summary ROUGE, for a checkpoint or an HF folder.
 
     python -m gpt2_jax.evaluate --workdir runs/shakespeare --data ~/.cache/gpt2_jax/shakespeare
     python -m gpt2_jax.evaluate --hf gpt2_folder --data fineweb10B --hellaswag hellaswag_val.jsonl
+    python -m gpt2_jax.evaluate --workdir runs/samsum --summaries data/samsum/val_pairs.jsonl
 
 Prints one JSON object on stdout (model, step, loss, ppl, tokens; hellaswag_acc, hellaswag_acc_norm
-and hellaswag_examples with --hellaswag); progress goes to stderr.
+and hellaswag_examples with --hellaswag; rouge1, rouge2, rougeL, summary_mean_len with
+--summaries, whose rows with predictions go to a jsonl); progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 from typing import Iterator, Sequence
 
@@ -127,6 +130,38 @@ def hellaswag(model: LoadedModel, examples: list[dict], per_batch: int = 4) -> d
             "hellaswag_examples": len(examples)}  # fmt: skip
 
 
+def _read_summaries(args) -> list[dict]:
+    from gpt2_jax.summarize import read_pairs
+
+    rows = read_pairs(args.summaries, args.prompt_field, args.completion_field, args.template)
+    if not rows:
+        raise UserError(f"--summaries {args.summaries} holds no rows")
+    if args.max_new_tokens < 1:
+        raise UserError("--max_new_tokens must be at least 1")
+    return rows[: args.max_examples] if args.max_examples else rows
+
+
+def _default_out(path: str) -> str:
+    return os.path.basename(path).removesuffix(".jsonl") + ".predictions.jsonl"
+
+
+def summaries(model: LoadedModel, rows: list[dict], max_new_tokens: int, out: str) -> dict:
+    """ROUGE of greedy completions of each row's prompt; rows with predictions written to `out`."""
+    from gpt2_jax.summarize import rouge_eval
+
+    if not 1 <= max_new_tokens < model.config.n_positions:
+        raise UserError(f"--max_new_tokens must be between 1 and {model.config.n_positions - 1}")
+    print(f"summarising {len(rows)} prompts ...", file=sys.stderr)
+    scores, predictions = rouge_eval(model.config, model.params, rows, max_new_tokens)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        for r, pred in zip(rows, predictions):
+            f.write(json.dumps({"prompt": r["prompt"], "reference": r["completion"], "prediction": pred}) + "\n")
+    os.replace(tmp, out)
+    return {**{k: scores[k] for k in ("rouge1", "rouge2", "rougeL")}, "summary_mean_len": scores["mean_len"],
+            "summaries": len(rows), "summaries_out": out}  # fmt: skip
+
+
 # --- CLI ------------------------------------------------------------------------------------
 
 
@@ -143,9 +178,19 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--max_batches", type=int, help="stop after this many batches")
     p.add_argument("--hellaswag", help="hellaswag_val.jsonl (the official format)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    s = p.add_argument_group("summaries: greedy completions scored with ROUGE-1/2/L")
+    s.add_argument("--summaries", metavar="FILE", help="jsonl of prompts and reference completions (e.g. the "
+                   "val_pairs.jsonl of prepare --completion_field)")  # fmt: skip
+    s.add_argument("--summaries_out", metavar="FILE", help="jsonl of prompt / reference / prediction rows "
+                   "(default: FILE's name + .predictions.jsonl, in the current folder)")  # fmt: skip
+    s.add_argument("--max_new_tokens", type=int, default=64, help="completion length (default 64)")
+    s.add_argument("--prompt_field", default="prompt")
+    s.add_argument("--completion_field", default="completion")
+    s.add_argument("--template", help='prompt built from the row\'s fields, e.g. "{dialogue}\\nTL;DR:"')
+    s.add_argument("--max_examples", type=int, help="score the first N rows only")
     args = p.parse_args(argv)
-    if args.data is None and args.hellaswag is None:
-        raise UserError("nothing to evaluate: give --data DIR and/or --hellaswag FILE")
+    if args.data is None and args.hellaswag is None and args.summaries is None:
+        raise UserError("nothing to evaluate: give --data DIR, --hellaswag FILE and/or --summaries FILE")
     if args.step is not None and args.workdir is None:
         raise UserError("--step applies to --workdir checkpoints")
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
@@ -156,6 +201,7 @@ def parse_args(argv: Sequence[str] | None):
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     examples = read_hellaswag(args.hellaswag) if args.hellaswag else None
+    pairs = _read_summaries(args) if args.summaries else None
     if args.workdir:
         model = load_workdir(args.workdir, args.step, dtype=args.dtype)
     else:
@@ -169,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  block_size=block_size, max_batches=args.max_batches))  # fmt: skip
     if examples is not None:
         result.update(hellaswag(model, examples))
+    if pairs is not None:
+        result.update(summaries(model, pairs, args.max_new_tokens, args.summaries_out or _default_out(args.summaries)))
     print(json.dumps(result))
     return 0
 
