@@ -39,7 +39,7 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     dropout: float = 0.0  # embedding, attention-probability and residual dropout (HF's *_pdrop)
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
-    attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
+    attention: Literal["xla", "cudnn", "pallas"] = "xla"  # see Attention
     remat: Literal["none", "full", "dots_saveable"] = "none"
     vocab_pad_multiple: int = 1  # 128 pads 50257 -> 50304 for faster matmuls
     loss_chunk: int = 0  # > 0: the loss computes logits this many positions at a time (see chunked_loss_sums)
@@ -51,8 +51,8 @@ class GPT2Config:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', not {self.dtype!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, not {self.remat!r}")
-        if self.attention not in ("xla", "cudnn"):
-            raise ValueError(f"attention must be 'xla' or 'cudnn', not {self.attention!r}")
+        if self.attention not in ("xla", "cudnn", "pallas"):
+            raise ValueError(f"attention must be 'xla', 'cudnn' or 'pallas', not {self.attention!r}")
         if self.vocab_pad_multiple < 1:
             raise ValueError("vocab_pad_multiple must be >= 1")
         if self.loss_chunk < 0:
@@ -147,7 +147,13 @@ def _layer_norm(config: GPT2Config, name: str) -> LayerNorm:
 
 class Attention(nn.Module):
     """Causal multi-head self-attention with a fused qkv projection. With `decode`, keys and
-    values go into a fixed-size cache (the 'cache' collection) so generation compiles once."""
+    values go into a fixed-size cache (the 'cache' collection) so generation compiles once.
+
+    config.attention picks the kernel: 'xla' (jax.nn.dot_product_attention, any device),
+    'cudnn' (its cuDNN flash attention; NVIDIA GPUs, bfloat16), or 'pallas' (the splash
+    attention kernel from jax.experimental.pallas.ops.tpu, for TPUs; sequences whose length is
+    not a multiple of 128 fall back to 'xla'; off TPU it runs in Pallas interpret mode, slowly,
+    which is how the tests check its numbers)."""
 
     config: GPT2Config
 
@@ -165,8 +171,11 @@ class Attention(nn.Module):
             y = self._cached_attention(q, k, v)
         elif cfg.dropout > 0 and not deterministic:
             y = self._attention_with_dropout(q, k, v)
+        elif cfg.attention == "pallas" and q.shape[1] % SPLASH_BLOCK == 0:
+            y = _splash_attention(q, k, v)
         else:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
+            impl = "cudnn" if cfg.attention == "cudnn" else "xla"
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         y = nn.with_logical_constraint(y, (BATCH, LENGTH, ACT_HEADS, None))
         y = y.reshape(*y.shape[:2], cfg.n_embd)  # (B, T, D)
         y = Conv1D(cfg.n_embd, (HEADS, EMBED), std=_residual_std(cfg), dtype=cfg.compute_dtype, name="c_proj")(y)
@@ -196,6 +205,34 @@ class Attention(nn.Module):
         L = cached_k.value.shape[1]
         mask = jnp.arange(L)[None, :] <= (i + jnp.arange(T))[:, None]  # (T, L)
         return jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask[None, None])
+
+
+SPLASH_BLOCK = 128  # the splash kernel's query / key block; sequence lengths must be multiples
+
+
+def _splash_attention(q, k, v):  # (B, T, H, Dh) each -> (B, T, H, Dh)
+    """Causal attention through the Pallas TPU splash kernel. Under a mesh, each device runs the
+    kernel on its own batch rows and heads (shard_map): the kernel has no partitioning rule."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    def local(q, k, v):
+        _, T, H, Dh = q.shape
+        block = min(512 if T % 512 == 0 else SPLASH_BLOCK, T)
+        sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                  block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)  # fmt: skip
+        kernel = splash.make_splash_mha(masks.MultiHeadMask([masks.CausalMask((T, T))] * H), block_sizes=sizes,
+                                        head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu")  # fmt: skip
+        scale = jnp.asarray(1.0 / math.sqrt(Dh), q.dtype)  # the kernel does not scale the scores
+        one = lambda q, k, v: kernel(q.swapaxes(0, 1) * scale, k.swapaxes(0, 1), v.swapaxes(0, 1)).swapaxes(0, 1)  # noqa: E731
+        return jax.vmap(one)(q, k, v)
+
+    if jax.sharding.get_abstract_mesh().empty:
+        return local(q, k, v)
+    spec = nn.logical_to_mesh_axes((BATCH, LENGTH, ACT_HEADS, None))
+    if spec[1] is not None:
+        raise ValueError("attention='pallas' needs the sequence ('length') unsharded")
+    return jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
 class MLP(nn.Module):

@@ -276,3 +276,68 @@ def test_hidden_states_through_the_head_are_the_logits():
     assert hidden.shape == (2, 16, config.n_embd)
     logits = GPT2(config).apply({"params": params}, tokens)
     np.testing.assert_array_equal(np.asarray(lm_head(hidden, params["wte"], config)), np.asarray(logits))
+
+
+# --- fast paths: each gives the plain path's loss and gradients ---------------------------------
+
+
+def _loss_and_grads(config, params, tokens, targets, mesh_shape=None):
+    from gpt2_jax import sharding
+
+    f = jax.jit(jax.value_and_grad(lambda p: loss_fn(GPT2(config), p, tokens, targets)))
+    if mesh_shape is None:
+        return f(params)
+    with sharding.use_mesh(sharding.make_mesh(mesh_shape), sharding.DEFAULT_RULES):
+        return f(params)
+
+
+def _assert_same_loss_and_grads(a, b, rtol, atol):
+    (la, ga), (lb, gb) = a, b
+    np.testing.assert_allclose(float(lb), float(la), rtol=rtol)
+    for x, y in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert np.abs(x).max() > 0
+        np.testing.assert_allclose(y, x, atol=atol * np.abs(x).max())
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 1, 2)], ids=["one-device", "mesh-data2-tensor2"])
+def test_pallas_splash_attention_equals_xla(mesh_shape):
+    # Off TPU the kernel runs in Pallas interpret mode: its numbers, not its speed, are tested.
+    tokens = jnp.asarray(_random_tokens((2, 128)))
+    targets = jnp.asarray(_random_tokens((2, 128), seed=2))
+    params = init_params(_tiny(), jax.random.key(0))
+    plain = _loss_and_grads(_tiny(), params, tokens, targets)
+    fast = _loss_and_grads(_tiny(attention="pallas"), params, tokens, targets, mesh_shape)
+    _assert_same_loss_and_grads(plain, fast, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
+def test_cudnn_attention_equals_xla_in_bfloat16():
+    tokens = jnp.asarray(_random_tokens((4, 128)))
+    targets = jnp.asarray(_random_tokens((4, 128), seed=2))
+    params = init_params(_tiny(), jax.random.key(0))
+    plain = _loss_and_grads(_tiny(dtype="bfloat16"), params, tokens, targets)
+    fast = _loss_and_grads(_tiny(dtype="bfloat16", attention="cudnn"), params, tokens, targets)
+    _assert_same_loss_and_grads(plain, fast, rtol=1e-2, atol=3e-2)
+
+
+def test_padded_vocabulary_gives_the_same_loss_and_gradients():
+    tokens = jnp.asarray(_random_tokens((2, 16)))
+    targets = jnp.asarray(_random_tokens((2, 16), seed=3))
+    padded = _tiny(vocab_pad_multiple=128)
+    params = init_params(padded, jax.random.key(0))
+    unpadded = dict(params, wte=params["wte"][:50257])
+    lp, gp = _loss_and_grads(padded, params, tokens, targets)
+    assert not np.any(np.asarray(gp["wte"][50257:]))  # padding rows never learn
+    gp = dict(gp, wte=gp["wte"][:50257])
+    _assert_same_loss_and_grads(_loss_and_grads(_tiny(), unpadded, tokens, targets), (lp, gp), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_gives_the_same_loss_and_gradients(remat):
+    tokens = jnp.asarray(_random_tokens((2, 16)))
+    targets = jnp.asarray(_random_tokens((2, 16), seed=2))
+    params = init_params(_tiny(), jax.random.key(0))
+    _assert_same_loss_and_grads(_loss_and_grads(_tiny(), params, tokens, targets),
+                                _loss_and_grads(_tiny(remat=remat, loss_chunk=8), params, tokens, targets),
+                                rtol=1e-6, atol=1e-5)  # fmt: skip
