@@ -242,6 +242,7 @@ class Trainer:
     def _log(self, writer, step: int, device_metrics: dict) -> None:
         c, p = self.c, self.p
         row = {k: float(v) for k, v in to_host(device_metrics).items()}
+        row["loss_tokens"] = row.pop("tokens")  # targets the step's loss counted ("tokens" is the running total)
         if not row["skipped_steps"]:
             del row["skipped_steps"]
         row.update(self.throughput.read(step))
