@@ -130,3 +130,16 @@ def test_fine_tuning_a_tiny_model_raises_rouge_well_above_its_start(dialogues, t
     assert result["rouge1"] == pytest.approx(summary["rouge1"]) and result["summaries"] == 16
     preds = [json.loads(line) for line in open(out)]
     assert len(preds) == 16 and {"prompt", "reference", "prediction"} == set(preds[0])
+
+
+def test_a_local_hf_dataset_prepares_like_its_jsonl(tmp_path, capsys):
+    import datasets
+
+    rows = summarize.synthetic_dialogues(4, seed=2)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    argv = ["--hf_dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "hf"), "--completion_field", "summary",
+            "--template", TEMPLATE, "--val_fraction", "0"]  # fmt: skip
+    assert prepare.main(argv) == 0
+    assert _prepare(tmp_path, rows)[0] == 0
+    for a, b in zip(_shard(tmp_path / "hf"), _shard(tmp_path / "out")):
+        np.testing.assert_array_equal(a, b)
