@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.vocab_size = 50257  # GPT-2's tokenizer; smaller only for synthetic data
     c.model.vocab_pad_multiple = 128  # 50257 -> 50304: faster matmuls, divisible by mesh axes
     c.model.remat = "none"  # 'none' | 'full' | 'dots_saveable'
-    c.model.attention = "xla"  # 'xla' | 'cudnn'
+    c.model.attention = "auto"  # 'auto' (cuDNN flash attention for bfloat16 on NVIDIA GPUs, else XLA) | 'xla' | 'cudnn' | 'pallas' (TPU)
     c.model.loss_chunk = 0  # > 0: compute the loss over chunks of this many positions (no full f32 logits)
 
     c.data = ml_collections.ConfigDict()

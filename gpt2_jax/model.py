@@ -20,6 +20,8 @@ ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_VOCAB = "act_embed", "act_heads", "act_mlp", 
 EMBED, HEADS, HEAD_DIM, QKV, MLP_DIM, VOCAB = "embed", "heads", "head_dim", "qkv", "mlp", "vocab"
 POSITIONS = "positions"
 
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "pallas")
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -39,7 +41,7 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     dropout: float = 0.0  # embedding, attention-probability and residual dropout (HF's *_pdrop)
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
-    attention: Literal["xla", "cudnn", "pallas"] = "xla"  # see Attention
+    attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"  # see Attention and attention_kernel
     remat: Literal["none", "full", "dots_saveable"] = "none"
     vocab_pad_multiple: int = 1  # 128 pads 50257 -> 50304 for faster matmuls
     loss_chunk: int = 0  # > 0: the loss computes logits this many positions at a time (see chunked_loss_sums)
@@ -51,8 +53,8 @@ class GPT2Config:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', not {self.dtype!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, not {self.remat!r}")
-        if self.attention not in ("xla", "cudnn", "pallas"):
-            raise ValueError(f"attention must be 'xla', 'cudnn' or 'pallas', not {self.attention!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_KERNELS))}, not {self.attention!r}")
         if self.vocab_pad_multiple < 1:
             raise ValueError("vocab_pad_multiple must be >= 1")
         if self.loss_chunk < 0:
@@ -150,10 +152,10 @@ class Attention(nn.Module):
     values go into a fixed-size cache (the 'cache' collection) so generation compiles once.
 
     config.attention picks the kernel: 'xla' (jax.nn.dot_product_attention, any device),
-    'cudnn' (its cuDNN flash attention; NVIDIA GPUs, bfloat16), or 'pallas' (the splash
+    'cudnn' (its cuDNN flash attention; NVIDIA GPUs, bfloat16), 'pallas' (the splash
     attention kernel from jax.experimental.pallas.ops.tpu, for TPUs; sequences whose length is
     not a multiple of 128 fall back to 'xla'; off TPU it runs in Pallas interpret mode, slowly,
-    which is how the tests check its numbers)."""
+    which is how the tests check its numbers), or 'auto' (see attention_kernel)."""
 
     config: GPT2Config
 
@@ -167,14 +169,15 @@ class Attention(nn.Module):
         )(x)  # (B, T, 3, H, Dh)
         qkv = nn.with_logical_constraint(qkv, (BATCH, LENGTH, None, ACT_HEADS, None))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, Dh)
+        kernel = attention_kernel(cfg)
         if decode:
             y = self._cached_attention(q, k, v)
         elif cfg.dropout > 0 and not deterministic:
             y = self._attention_with_dropout(q, k, v)
-        elif cfg.attention == "pallas" and q.shape[1] % SPLASH_BLOCK == 0:
+        elif kernel == "pallas" and q.shape[1] % SPLASH_BLOCK == 0:
             y = _splash_attention(q, k, v)
         else:
-            impl = "cudnn" if cfg.attention == "cudnn" else "xla"
+            impl = "cudnn" if kernel == "cudnn" else "xla"
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         y = nn.with_logical_constraint(y, (BATCH, LENGTH, ACT_HEADS, None))
         y = y.reshape(*y.shape[:2], cfg.n_embd)  # (B, T, D)
@@ -205,6 +208,42 @@ class Attention(nn.Module):
         L = cached_k.value.shape[1]
         mask = jnp.arange(L)[None, :] <= (i + jnp.arange(T))[:, None]  # (T, L)
         return jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask[None, None])
+
+
+def platform() -> str:
+    """'cuda', 'rocm', 'tpu' or 'cpu': what this process's default devices are."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    return "cuda" if "cuda" in jax.devices()[0].client.platform_version.lower() else "rocm"
+
+
+def attention_problem(config: GPT2Config, kernel: str, where: str | None = None) -> str | None:
+    """Why `kernel` cannot run `config` on platform `where` (default: this process's), or None.
+    Off TPU 'pallas' runs, in interpret mode: fine for tests, far too slow to train with."""
+    here = where is None
+    where = where or platform()
+    if kernel == "cudnn":
+        if where != "cuda":
+            return f"needs an NVIDIA GPU (this process runs on {where})"
+        if config.dtype != "bfloat16":
+            return "needs dtype 'bfloat16' (cuDNN's flash attention has no float32 kernel)"
+        if config.head_dim % 8 or config.head_dim > 128:
+            return f"needs a head size (n_embd / n_head) that is a multiple of 8 up to 128, not {config.head_dim}"
+        if here and float(jax.devices()[0].compute_capability) < 8.0:
+            return f"needs an Ampere or newer GPU (compute capability 8.0+, not {jax.devices()[0].compute_capability})"
+    if kernel == "pallas" and where != "tpu":
+        return f"is a TPU kernel (this process runs on {where}, where it runs only in slow interpret mode)"
+    return None
+
+
+def attention_kernel(config: GPT2Config, where: str | None = None) -> str:
+    """The kernel config.attention stands for on platform `where` (default: this process's).
+    'auto' is cuDNN's flash attention where it runs (bfloat16 on NVIDIA GPUs) and XLA's
+    otherwise; on TPUs too, until the splash kernel ('pallas') has been checked on one."""
+    if config.attention != "auto":
+        return config.attention
+    return "xla" if attention_problem(config, "cudnn", where) else "cudnn"
 
 
 SPLASH_BLOCK = 128  # the splash kernel's query / key block; sequence lengths must be multiples

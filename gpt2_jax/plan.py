@@ -16,7 +16,7 @@ import ml_collections
 
 from gpt2_jax import data as data_lib
 from gpt2_jax import hf, optim, sharding, steps
-from gpt2_jax.model import GPT2, GPT2Config
+from gpt2_jax.model import GPT2, GPT2Config, attention_kernel, attention_problem
 from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
 
 BUNDLED = ("shakespeare",)
@@ -132,6 +132,15 @@ def _hf_config(path: str, **overrides) -> GPT2Config:
         raise hf.HFFormatError(f"{file} is not valid JSON: {e}") from None
 
 
+def _attention(model: GPT2Config) -> GPT2Config:
+    """`model` with attention resolved to the kernel this run uses ('auto' picks); a kernel
+    these devices cannot run is refused."""
+    problem = attention_problem(model, model.attention)
+    _require(problem is None, f"model.attention={model.attention!r} {problem}; use 'auto' (the fastest kernel "
+             "these devices run) or 'xla'")  # fmt: skip
+    return model.replace(attention=attention_kernel(model))
+
+
 def _mesh(c: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, tuple]:
     try:
         shape = sharding.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, jax.device_count())
@@ -221,7 +230,7 @@ def plan(c: ml_collections.ConfigDict, data: bool = True) -> Plan:
     _check_ranges(c)
     _require(c.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
     hf_path, init_workdir = _init_source(c.init_from)
-    model = _model_config(c, hf_path, init_workdir)
+    model = _attention(_model_config(c, hf_path, init_workdir))
     _require(c.model.block_size <= model.n_positions,
              f"model.block_size ({c.model.block_size}) exceeds the model's {model.n_positions} positions"
              + (" (from init_from)" if hf_path or init_workdir else " (model.n_positions)"))  # fmt: skip

@@ -22,7 +22,8 @@ class LoadedModel(NamedTuple):
 
 def load_workdir(workdir: str, step: int | None = None, **overrides) -> LoadedModel:
     """Parameters of checkpoint `step` (default: the newest usable one) of a training workdir,
-    placed on the default device. `overrides` change the model config (e.g. dtype)."""
+    placed on the default device. `overrides` change the model config (e.g. dtype); the
+    attention kernel is chosen for this process's devices, not taken from the training run."""
     if not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir} does not exist")
     ckpts = Checkpoints(workdir, create=False)  # reading writes nothing
@@ -33,7 +34,7 @@ def load_workdir(workdir: str, step: int | None = None, **overrides) -> LoadedMo
         raise UserError(f"{workdir} has no checkpoint for step {step}; it has {_list(steps)}")
 
     def restore(s: int) -> LoadedModel:
-        config = ckpts.model_config(s, **overrides)
+        config = ckpts.model_config(s, **{"attention": "auto", **overrides})
         params = ckpts.restore_params(s, _on_default_device(abstract_params(config)))
         return LoadedModel(f"{workdir}@{s}", config, params, s)
 

@@ -57,6 +57,33 @@ def test_val_loss_matches_torch_over_every_window(reference, hf_dir, tmp_path, c
     assert result["model"] == f"hf:{hf_dir}" and result["step"] is None
 
 
+def test_a_checkpoint_trained_with_cudnn_attention_evaluates_on_this_cpu(hf_dir, tmp_path, capsys):
+    # The checkpoint records the training machine's kernel (cuDNN, bfloat16); evaluating it here
+    # picks this machine's kernel instead, and gives the HF folder's loss on the same weights.
+    import jax
+    import optax
+
+    from gpt2_jax.checkpoint import Checkpoints
+    from gpt2_jax.hf import load_hf
+    from gpt2_jax.steps import TrainState
+
+    config, params = load_hf(hf_dir)
+    state = TrainState.create(apply_fn=None, params=jax.device_put(params), tx=optax.adamw(1e-3),
+                              dropout_key=np.zeros(2, np.uint32))  # fmt: skip
+    ckpts = Checkpoints(str(tmp_path / "run"))
+    ckpts.save(7, state, {"next_batch": 7}, {}, config.replace(attention="cudnn", dtype="bfloat16"))
+    ckpts.close()
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "val_000000.bin", np.random.RandomState(1).randint(0, 50257, 16 * 4 + 1))
+    results = []
+    for source in (["--workdir", str(tmp_path / "run")], ["--hf", hf_dir]):
+        assert run(evaluate.main, [*source, "--data", str(data), "--block_size", "16"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["step"] == 7 and results[0]["tokens"] == results[1]["tokens"] == 4 * 16
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
+
+
 def _hellaswag_file(path, n=6):
     rng = np.random.RandomState(1)
     words = ["the cat", "a dog", "runs away", "jumps over the fence", "sits", "eats a very large sandwich"]

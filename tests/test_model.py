@@ -11,6 +11,8 @@ from gpt2_jax.model import (
     GPT2,
     GPT2Config,
     abstract_params,
+    attention_kernel,
+    attention_problem,
     count_params,
     cross_entropy,
     init_cache,
@@ -309,6 +311,33 @@ def test_pallas_splash_attention_equals_xla(mesh_shape):
     plain = _loss_and_grads(_tiny(), params, tokens, targets)
     fast = _loss_and_grads(_tiny(attention="pallas"), params, tokens, targets, mesh_shape)
     _assert_same_loss_and_grads(plain, fast, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("where, overrides, kernel", [
+    ("cuda", dict(dtype="bfloat16"), "cudnn"),
+    ("cuda", dict(dtype="float32"), "xla"),  # cuDNN has no float32 flash kernel
+    ("cuda", dict(dtype="bfloat16", n_embd=60, n_head=4), "xla"),  # head size 15: not a multiple of 8
+    ("cuda", dict(dtype="bfloat16", n_embd=1056, n_head=4), "xla"),  # head size 264 > 128
+    ("rocm", dict(dtype="bfloat16"), "xla"),
+    ("tpu", dict(dtype="bfloat16"), "xla"),  # splash only by name until it has run on a TPU
+    ("cpu", dict(dtype="bfloat16"), "xla"),
+])
+def test_auto_attention_picks_cudnn_only_where_it_runs(where, overrides, kernel):
+    config = _tiny(**overrides)
+    assert config.attention == "auto"
+    assert attention_kernel(config, where) == kernel
+    for named in ("xla", "cudnn", "pallas"):  # a named kernel is taken as named
+        assert attention_kernel(config.replace(attention=named), where) == named
+
+
+def test_attention_problems_name_what_is_missing():
+    bf16 = _tiny(dtype="bfloat16")
+    assert attention_problem(bf16, "cudnn", "cuda") is None
+    assert attention_problem(bf16, "cudnn", "cpu") == "needs an NVIDIA GPU (this process runs on cpu)"
+    assert "needs dtype 'bfloat16'" in attention_problem(_tiny(), "cudnn", "cuda")
+    assert attention_problem(bf16, "pallas", "tpu") is None
+    assert "is a TPU kernel" in attention_problem(bf16, "pallas", "cuda")
+    assert attention_problem(_tiny(), "xla", "cpu") is None and attention_problem(_tiny(), "auto", "cpu") is None
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")

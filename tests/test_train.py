@@ -218,6 +218,9 @@ INVALID = [
     ({"total_steps": 0}, "total_steps must be >= 1"),
     ({"sample.length": 200}, "exceed the model's 128 positions"),
     ({"model.dropout": 1.0}, "model.dropout must be in [0, 1)"),
+    ({"model.attention": "flash"}, "attention must be one of 'auto', 'xla', 'cudnn', 'pallas', not 'flash'"),
+    ({"model.attention": "cudnn"}, "model.attention='cudnn' needs an NVIDIA GPU (this process runs on cpu); use 'auto'"),
+    ({"model.attention": "pallas"}, "model.attention='pallas' is a TPU kernel (this process runs on cpu"),
 ]
 
 
