@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Sequence
 
-from gpt2_jax.cli import ArgumentParser, UserError, run
+from gpt2_jax.cli import TRAINING_MEMORY_HINT, ArgumentParser, UserError, run
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -259,4 +259,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run(main, memory_hint=TRAINING_MEMORY_HINT))

@@ -32,7 +32,7 @@ import ml_collections
 from gpt2_jax import data as data_lib
 from gpt2_jax import distributed, hf, metrics, sharding
 from gpt2_jax.checkpoint import CheckpointError, Checkpoints
-from gpt2_jax.cli import UserError
+from gpt2_jax.cli import TRAINING_MEMORY_HINT, UserError, out_of_memory
 from gpt2_jax.lock import WorkdirBusy, WorkdirLock
 from gpt2_jax.plan import ConfigError, plan
 from gpt2_jax.preemption import Preempted, StopRequest
@@ -195,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(str(e), file=sys.stderr)
         return e.exit_code
+    except RuntimeError as e:
+        message = out_of_memory(e, TRAINING_MEMORY_HINT)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted (a second Ctrl-C): stopped without saving", file=sys.stderr)
         return 130

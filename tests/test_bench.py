@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from gpt2_jax import bench, metrics
-from gpt2_jax.cli import run
+from gpt2_jax.cli import TRAINING_MEMORY_HINT, run
 from gpt2_jax.model import GPT2Config
 
 TINY = ["--config", "configs/tiny.py", "--config.batch_size=16", "--config.model.block_size=32",
@@ -73,3 +73,21 @@ def test_missing_torch_is_a_clear_error(capsys, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torch)
     assert run(bench.main, [*TINY, "--compare", "torch"]) == 2
     assert "pip install torch" in capsys.readouterr().err
+
+
+def test_out_of_device_memory_is_one_line_that_says_what_to_change(capsys, monkeypatch):
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 13207863296 bytes.\n"
+                                     "BufferAssignment OOM Debugging.\n...")  # fmt: skip
+
+    def raise_(*args, **kwargs):
+        raise oom
+
+    monkeypatch.setattr(bench, "time_jax", raise_)
+    assert run(bench.main, TINY, memory_hint=TRAINING_MEMORY_HINT) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: out of device memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                   f"13207863296 bytes.); {TRAINING_MEMORY_HINT}\n")  # fmt: skip
+    # any other runtime error is a bug: it keeps its traceback
+    monkeypatch.setattr(bench, "time_jax", lambda *a, **k: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: x")))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        run(bench.main, TINY, memory_hint=TRAINING_MEMORY_HINT)

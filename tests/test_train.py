@@ -281,3 +281,16 @@ def test_cli_trains_and_refuses_bad_configs_with_one_line(shards, tmp_path):
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     missing = cli("--config", "configs/tiny.py")
     assert missing.returncode == 2 and missing.stderr.strip() == "error: --workdir DIR is required"
+
+
+def test_running_out_of_device_memory_is_one_line_that_says_what_to_change(shards, tmp_path, monkeypatch, capsys):
+    def oom(config, workdir):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 512 bytes.\n...")
+
+    monkeypatch.setattr(train, "train_and_evaluate", oom)
+    argv = ["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), f"--config.data.path={shards}"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of device memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                          "512 bytes.); lower batch_size or raise grad_accum")  # fmt: skip
+    assert err.count("\n") == 1
