@@ -432,10 +432,12 @@ def loss_fn(model: GPT2, params, inputs, targets, weights=None, *, deterministic
 
 
 def abstract_params(config: GPT2Config, boxed: bool = False):
-    """Parameter shapes/dtypes via jax.eval_shape (nothing allocated); logical boxes if `boxed`."""
-    variables = jax.eval_shape(lambda: GPT2(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    params = variables["params"]
-    return params if boxed else nn.unbox(params)
+    """Parameter shapes/dtypes via jax.eval_shape (nothing allocated), the same under any mesh
+    and axis rules in force; logical boxes if `boxed`."""
+    with nn.logical_axis_rules(()):  # shapes only: no sharding constraint applies
+        variables = jax.eval_shape(lambda: GPT2(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+        params = variables["params"]
+        return params if boxed else nn.unbox(params)
 
 
 def init_params(config: GPT2Config, rng) -> dict:

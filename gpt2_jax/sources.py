@@ -20,10 +20,12 @@ class LoadedModel(NamedTuple):
     step: int | None  # training step for a workdir checkpoint
 
 
-def load_workdir(workdir: str, step: int | None = None, **overrides) -> LoadedModel:
+def load_workdir(workdir: str, step: int | None = None, placement: jax.sharding.Sharding | None = None,
+                 **overrides) -> LoadedModel:  # fmt: skip
     """Parameters of checkpoint `step` (default: the newest usable one) of a training workdir,
-    placed on the default device. `overrides` change the model config (e.g. dtype); the
-    attention kernel is chosen for this process's devices, not taken from the training run."""
+    each array placed with `placement` (default: this process's first device; inside a training
+    run, a replicated sharding of its mesh). `overrides` change the model config (e.g. dtype);
+    the attention kernel is chosen for this process's devices, not taken from the training run."""
     if not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir} does not exist")
     ckpts = Checkpoints(workdir, create=False)  # reading writes nothing
@@ -35,7 +37,7 @@ def load_workdir(workdir: str, step: int | None = None, **overrides) -> LoadedMo
 
     def restore(s: int) -> LoadedModel:
         config = ckpts.model_config(s, **{"attention": "auto", **overrides})
-        params = ckpts.restore_params(s, _on_default_device(abstract_params(config)))
+        params = ckpts.restore_params(s, _placed(abstract_params(config), placement))
         return LoadedModel(f"{workdir}@{s}", config, params, s)
 
     return restore(step) if step is not None else ckpts.newest_usable(restore)
@@ -48,9 +50,9 @@ def load_hf_folder(path: str, **overrides) -> LoadedModel:
     return LoadedModel(f"hf:{path}", config, jax.device_put(params), None)
 
 
-def _on_default_device(abstract):
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+def _placed(abstract, placement: jax.sharding.Sharding | None):
+    placement = placement or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement), abstract)
 
 
 def _list(steps: list[int]) -> str:

@@ -18,6 +18,7 @@ from gpt2_jax.model import GPT2, count_params
 from gpt2_jax.plan import COMPUTE_FIELDS, ConfigError, Plan
 from gpt2_jax.preemption import Preempted, StopRequest
 from gpt2_jax.sampling import Sampler, SamplingConfig
+from gpt2_jax.sources import load_workdir
 from gpt2_jax.tokenizer import get_tokenizer
 
 # Shape fields a checkpoint must share with the config to resume from it.
@@ -127,7 +128,7 @@ class Trainer:
         if p.hf_path is not None:
             _, params = hf.load_hf(p.hf_path, **{f: getattr(p.model, f) for f in COMPUTE_FIELDS})
         else:
-            params = _workdir_params(p.init_workdir, self.abstract_state.params, p.mesh)
+            params = _workdir_params(p.init_workdir, self.abstract_state.params["wte"].shape[0], p.mesh)
         return steps.state_from_params(self.model, self.tx, self.lr_fn, params, c.seed, self.state_sharding)
 
     def resume(self, ckpts: Checkpoints, train_it: data_lib.BatchIterator) -> tuple[steps.TrainState, str] | None:
@@ -313,25 +314,14 @@ class Trainer:
         )
 
 
-
-
-def _workdir_params(workdir: str, abstract: dict, mesh) -> dict:
+def _workdir_params(workdir: str, vocab_rows: int, mesh) -> dict:
     """Host parameters of a training workdir's newest usable checkpoint (read whole by every
-    process), shaped like `abstract` (the plan took the model's shape from that checkpoint; only
-    the vocabulary padding may differ: padding rows are never predicted, so zeros do)."""
-    ckpts = Checkpoints(workdir, create=False)
-    replicated = sharding.replicated(mesh)
-    rows, width = abstract["wte"].shape
-
-    def restore(step: int) -> dict:
-        saved_rows = ckpts.model_config(step).padded_vocab_size
-        target = {**abstract, "wte": jax.ShapeDtypeStruct((saved_rows, width), abstract["wte"].dtype)}
-        target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), target)
-        return ckpts.restore_params(step, target)
-
-    params = to_host(ckpts.newest_usable(restore))
-    wte = params["wte"][:rows]
-    params["wte"] = np.concatenate([wte, np.zeros((rows - len(wte), width), wte.dtype)])
+    process), with wte padded or trimmed to `vocab_rows` (the plan took the model's shape from
+    that checkpoint; only the vocabulary padding may differ: padding rows are never predicted,
+    so zeros do)."""
+    params = to_host(load_workdir(workdir, placement=sharding.replicated(mesh)).params)
+    wte = params["wte"][:vocab_rows]
+    params["wte"] = np.concatenate([wte, np.zeros((vocab_rows - len(wte), wte.shape[1]), wte.dtype)])
     return params
 
 

@@ -210,3 +210,15 @@ def test_init_from_a_workdir_starts_from_its_newest_parameters(shards, baseline)
         state = Trainer(c, p).initial_state()
     assert int(state.step) == 0
     _assert_bit_identical(jax.tree_util.tree_map(np.asarray, state.params), _params(baseline, 12))
+
+
+def test_init_from_a_workdir_with_other_vocabulary_padding_pads_with_zero_rows(shards, baseline):
+    c = tiny(shards, init_from=f"workdir:{baseline}", **{"model.vocab_pad_multiple": 384})  # 512 -> 768 rows
+    p = plan_lib.plan(c)
+    with sharding.use_mesh(p.mesh, p.rules):
+        params = jax.tree_util.tree_map(np.asarray, Trainer(c, p).initial_state().params)
+    saved = _params(baseline, 12)
+    assert params["wte"].shape == (768, saved["wte"].shape[1]) and saved["wte"].shape[0] == 512
+    np.testing.assert_array_equal(params["wte"][:512], saved["wte"])
+    assert not params["wte"][512:].any()
+    _assert_bit_identical({k: v for k, v in params.items() if k != "wte"}, {k: v for k, v in saved.items() if k != "wte"})
