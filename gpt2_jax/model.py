@@ -356,10 +356,13 @@ def _padded_normal(cfg: GPT2Config):
 
 
 def _mask_vocab_padding(logits, cfg: GPT2Config):
+    """Padding columns pushed to the lowest float32. Added as a constant bias, not selected with
+    jnp.where: the same logits, but the gradient passes through unchanged instead of costing
+    another pass over the (B, T, V) logits (softmax is exactly 0 at those columns anyway)."""
     if cfg.padded_vocab_size == cfg.vocab_size:
         return logits
     is_pad = jnp.arange(cfg.padded_vocab_size) >= cfg.vocab_size
-    return jnp.where(is_pad, jnp.finfo(jnp.float32).min, logits)
+    return logits + jnp.where(is_pad, jnp.finfo(jnp.float32).min, 0.0)
 
 
 def cross_entropy_sums(logits, targets, weights=None):
