@@ -1,7 +1,7 @@
 """CLI: training-step throughput and MFU of the real train step, side by side with HF PyTorch.
 
     python -m gpt2_jax.bench --config configs/X.py[:ARG] [--config.KEY=VALUE ...] [--steps N] [--warmup N]
-                             [--compare torch]
+                             [--compare torch] [--profile DIR]
 
 Builds the step exactly as `train` does (plan -> Trainer: same model, optimizer, shardings,
 donation, grad accumulation) on synthetic tokens (nothing read from disk), runs --warmup steps
@@ -15,6 +15,10 @@ download) on the same batch, sequence length, grad accumulation, dtype policy (b
 dtype=bfloat16), remat (gradient checkpointing) and AdamW hyperparameters, in the same process:
 eager on CPU; on CUDA sdpa attention, fused AdamW, both eager and torch.compile (the compiled
 one is torch_tokens_per_sec, the headline ratio). FLOPs per token follow gpt2_jax.metrics.
+
+--profile DIR traces one more step with the JAX profiler (a Perfetto trace under DIR, also
+readable by TensorBoard's profiler) and prints where it spent its time, by op kind and by op
+(gpt2_jax.op_profile).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first, the first compiles (default 2)")
     p.add_argument("--compare", choices=["torch"], help="also time HF transformers' GPT-2 in PyTorch")
+    p.add_argument("--profile", metavar="DIR", help="then trace one more step into DIR (jax.profiler, Perfetto "
+                   "format) and print the ops that took longest")  # fmt: skip
     args, rest = p.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
@@ -76,12 +82,13 @@ def _peak_memory(devices) -> int | None:
     return None if None in peaks or not peaks else max(peaks)
 
 
-def time_jax(c, p, steps_: int, warmup: int) -> dict:
-    """Compile, warm up and time the trainer's jitted train step."""
+def time_jax(c, p, steps_: int, warmup: int, profile_dir: str | None = None) -> dict:
+    """Compile, warm up and time the trainer's jitted train step; then, with `profile_dir`,
+    trace one more step there."""
     import jax
 
     from gpt2_jax import data as data_lib
-    from gpt2_jax import sharding, steps
+    from gpt2_jax import op_profile, sharding, steps
     from gpt2_jax.trainer import Trainer
 
     with sharding.use_mesh(p.mesh, p.rules):
@@ -104,9 +111,10 @@ def time_jax(c, p, steps_: int, warmup: int) -> dict:
         jax.block_until_ready((state, m))
         seconds = time.perf_counter() - start
         loss = float(m["loss"].addressable_data(0))
+        trace = op_profile.trace(lambda: trainer.train_fn(state, batch), profile_dir) if profile_dir else None
     devices = list(p.mesh.devices.flat)
     return {"step_s": seconds / steps_, "compile_s": compile_s, "loss": loss, "peak_memory": _peak_memory(devices),
-            "peak_flops": trainer.peak, "device": f"{len(devices)} x {devices[0].device_kind}"}  # fmt: skip
+            "peak_flops": trainer.peak, "device": f"{len(devices)} x {devices[0].device_kind}", "trace": trace}  # fmt: skip
 
 
 def time_torch(c, p, steps_: int, warmup: int, compiled: bool) -> dict:
@@ -196,6 +204,14 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _profile(trace: str) -> str:
+    from gpt2_jax import op_profile
+
+    ops = op_profile.op_times(trace)
+    return (f"\none gpt2_jax step, traced ({trace}):\n{op_profile.table(op_profile.by_kind(ops), 8, 'op kind')}\n\n"
+            f"{op_profile.table(ops, 15)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     c, args = parse_args(argv)
     if args.compare == "torch":
@@ -227,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"timing HF PyTorch ({name}) ...", flush=True)
             torch_results[name] = time_torch(c, p, args.steps, args.warmup, compiled)
     print("timing gpt2_jax ...", flush=True)
-    ours = time_jax(c, p, args.steps, args.warmup)
+    ours = time_jax(c, p, args.steps, args.warmup, args.profile)
     summary["device"] = ours["device"]
     rows = [_row("gpt2_jax", ours["step_s"], tokens_per_step, flops_token, ours["peak_flops"], ours["peak_memory"])]
     torch_flops = metrics.flops_per_token(p.model.replace(vocab_pad_multiple=1), p.block_size)  # HF: 50257 columns
@@ -240,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(_table(rows))
     out = {**summary, **{k: v for k, v in rows[0].items() if k != "implementation"},
            "compile_s": ours["compile_s"], "loss": ours["loss"]}  # fmt: skip
+    if ours["trace"]:
+        print(_profile(ours["trace"]))
+        out["profile_trace"] = ours["trace"]
     if torch_results:
         head = "compiled" if "compiled" in torch_results else "eager"
         by_name = {r["implementation"]: r for r in rows}
