@@ -3,7 +3,7 @@
 #
 #   scripts/bench_gpu.sh wheels          # here, once: download the wheels the GPU image lacks into .whl/
 #   scripts/bench_gpu.sh check           # there: versions, then the fast-path tests on the GPU (cuDNN vs XLA)
-#   scripts/bench_gpu.sh 124m            # there: gpt2 124M, T=1024, bf16: batch sweep, kernel/loss variants, --compare torch
+#   scripts/bench_gpu.sh 124m            # there: gpt2 124M, T=1024, bf16: batch sweep, a profile, kernel/loss variants, --compare torch
 #   scripts/bench_gpu.sh medium          # there: gpt2-medium with --compare torch
 #   scripts/bench_gpu.sh xl              # there: gpt2-xl with remat, the largest micro-batch that fits
 #
@@ -96,6 +96,9 @@ case "$part" in
     for b in 16 32 64; do  # the best batch that fits (an out-of-memory run is recorded as its error)
       bench "124m_b$b" configs/gpt2_124m.py --config.batch_size=$b "${GPT2_124M[@]}"
     done
+    # where a step's time goes, per op: the tables are in 124m_b32_profile.log (the trace, too deep
+    # for the device tool to bring back, stays in /tmp there)
+    bench 124m_b32_profile configs/gpt2_124m.py --config.batch_size=32 "${GPT2_124M[@]}" --profile /tmp/profile_124m
     bench 124m_b32_xla configs/gpt2_124m.py --config.batch_size=32 --config.model.attention=xla "${GPT2_124M[@]}"
     bench 124m_b32_chunk256 configs/gpt2_124m.py --config.batch_size=32 --config.model.loss_chunk=256 "${GPT2_124M[@]}"
     bench 124m_b32_torch configs/gpt2_124m.py --config.batch_size=32 "${GPT2_124M[@]}" --compare torch
