@@ -204,10 +204,13 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _profile(trace: str) -> str:
+def _profile(trace: str, device: bool) -> str:
     from gpt2_jax import op_profile
 
-    ops = op_profile.op_times(trace)
+    try:
+        ops = op_profile.op_times(trace, device)
+    except op_profile.NoDeviceEvents as e:
+        return f"\nprofile: {e}"
     return (f"\none gpt2_jax step, traced ({trace}):\n{op_profile.table(op_profile.by_kind(ops), 8, 'op kind')}\n\n"
             f"{op_profile.table(ops, 15)}")
 
@@ -257,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = {**summary, **{k: v for k, v in rows[0].items() if k != "implementation"},
            "compile_s": ours["compile_s"], "loss": ours["loss"]}  # fmt: skip
     if ours["trace"]:
-        print(_profile(ours["trace"]))
+        print(_profile(ours["trace"], device=jax.default_backend() != "cpu"))
         out["profile_trace"] = ours["trace"]
     if torch_results:
         head = "compiled" if "compiled" in torch_results else "eager"

@@ -4,8 +4,10 @@ The trace (a Perfetto JSON file, also readable by TensorBoard's profiler) stays 
 closer look; `op_times` reads it back. On a CPU, XLA runs its ops on host threads beside
 bookkeeping events (thunk executors, Python frames), so ops are told apart by their names (XLA
 instruction names: lower case, digits, '_', '-', '.'). On a GPU or TPU the device's own events
-are used: its "XLA Ops" line where the trace has one, else every line of the device (only the
-CPU case has been checked so far). Ops can run concurrently (XLA:CPU runs independent ops on
+are used, named by the XLA op they belong to where the trace says (`hlo_op`): its "XLA Ops"
+line where the trace has one, else its stream lines, else all its lines (only the CPU case has
+been checked so far). Control flow (while, conditional, call) is left out: its time is its
+body's ops, which are traced too. Ops can run concurrently (XLA:CPU runs independent ops on
 several threads), so their times can add up to more than the step took.
 """
 
@@ -22,6 +24,12 @@ from typing import Callable, NamedTuple
 import jax
 
 XLA_OP_NAME = re.compile(r"^[a-z][a-z0-9_\-]*(\.\d+)?$")
+CONTROL_FLOW = ("while", "conditional", "call")
+
+
+class NoDeviceEvents(ValueError):
+    """The trace of an accelerator run holds no device events (the profiler could not read the
+    device: on NVIDIA GPUs it needs CUPTI)."""
 
 
 class OpTime(NamedTuple):
@@ -46,8 +54,10 @@ def _trace_files(directory: str) -> list[str]:
     return glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)
 
 
-def op_times(path: str) -> list[OpTime]:
-    """Time per op in the trace at `path`, longest first."""
+def op_times(path: str, device: bool = False) -> list[OpTime]:
+    """Time per op in the trace at `path`, longest first. `device`: the traced run used an
+    accelerator, so a trace without device events raises NoDeviceEvents rather than reporting
+    host-side launches as op times."""
     with gzip.open(path, "rt") as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
@@ -56,10 +66,14 @@ def op_times(path: str) -> list[OpTime]:
                if e.get("ph") == "M" and e.get("name") == "thread_name"}  # fmt: skip
     devices = {pid for pid, name in processes.items() if "/device:" in name}
     if devices:
-        ops_lines = {key for key, name in threads.items() if key[0] in devices and name == "XLA Ops"}
+        lines = ({key for key, name in threads.items() if key[0] in devices and name == "XLA Ops"}
+                 or {key for key, name in threads.items() if key[0] in devices and name.startswith("Stream")})  # fmt: skip
 
         def keep(e):
-            return (e["pid"], e.get("tid")) in ops_lines if ops_lines else e["pid"] in devices
+            return (e["pid"], e.get("tid")) in lines if lines else e["pid"] in devices
+    elif device:
+        raise NoDeviceEvents(f"{path} has no device events: the profiler could not read the device (on NVIDIA "
+                             "GPUs it needs CUPTI); open the trace to see what it holds")  # fmt: skip
     else:
 
         def keep(e):
@@ -68,8 +82,10 @@ def op_times(path: str) -> list[OpTime]:
     total, count = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") == "X" and "dur" in e and keep(e):
-            total[e["name"]] += e["dur"]
-            count[e["name"]] += 1
+            name = e.get("args", {}).get("hlo_op") or e["name"]
+            if _kind(name) not in CONTROL_FLOW:
+                total[name] += e["dur"]
+                count[name] += 1
     return [OpTime(name, us / 1e3, count[name]) for name, us in total.most_common()]
 
 
@@ -77,10 +93,13 @@ def by_kind(ops: list[OpTime]) -> list[OpTime]:
     """Ops summed by kind: the name without XLA's '.N' suffix (all the ynn_fusion.N together)."""
     total, count = collections.Counter(), collections.Counter()
     for op in ops:
-        kind = re.sub(r"\.\d+$", "", op.name)
-        total[kind] += op.ms
-        count[kind] += op.count
+        total[_kind(op.name)] += op.ms
+        count[_kind(op.name)] += op.count
     return [OpTime(kind, ms, count[kind]) for kind, ms in total.most_common()]
+
+
+def _kind(name: str) -> str:
+    return re.sub(r"\.\d+$", "", name)
 
 
 def table(ops: list[OpTime], top: int = 15, title: str = "op") -> str:

@@ -3,9 +3,10 @@
 #
 #   scripts/bench_gpu.sh wheels          # here, once: download the wheels the GPU image lacks into .whl/
 #   scripts/bench_gpu.sh check           # there: versions, then the fast-path tests on the GPU (cuDNN vs XLA)
-#   scripts/bench_gpu.sh 124m            # there: gpt2 124M, T=1024, bf16: batch sweep, a profile, kernel/loss variants, --compare torch
+#   scripts/bench_gpu.sh 124m            # there: gpt2 124M, T=1024, bf16: --compare torch first, then a batch sweep
+#   scripts/bench_gpu.sh 124m_variants   # there: a profile of one step, attention=xla, loss_chunk=256
 #   scripts/bench_gpu.sh medium          # there: gpt2-medium with --compare torch
-#   scripts/bench_gpu.sh xl              # there: gpt2-xl with remat, the largest micro-batch that fits
+#   scripts/bench_gpu.sh xl              # there: gpt2-xl with remat, batch 8, 16, 32 until one does not fit
 #
 # Each part appends one JSON line per bench run (bench's own line plus "label", or "label" and
 # "error") to OUT_DIR/bench.jsonl, keeps each run's output in OUT_DIR/<label>.log and prints a
@@ -15,7 +16,7 @@
 # TINY=1 runs the same sequence on configs/tiny.py sizes, to check this script on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
-part=${1:?usage: scripts/bench_gpu.sh wheels|check|124m|medium|xl}
+part=${1:?usage: scripts/bench_gpu.sh wheels|check|124m|124m_variants|medium|xl}
 out=${OUT:-runs/bench_gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,6 +31,10 @@ if ! "$PY" -c "import grain, ml_collections" 2>/dev/null && compgen -G ".whl/*.w
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+if ! "$PY" -c "import grain, ml_collections, tiktoken, gpt2_jax.bench" 2>"$out/imports.log"; then
+  echo "error: gpt2_jax cannot be imported here ($(tail -n 1 "$out/imports.log")); carry .whl (scripts/bench_gpu.sh wheels)" >&2
+  exit 2
+fi
 
 # bench LABEL [CONFIG OVERRIDES...]: one bench run; its JSON line (or its error) into bench.jsonl.
 bench() {
@@ -43,13 +48,15 @@ bench() {
   echo "=== $label: python -m gpt2_jax.bench --config $config $*"
   "$PY" -m gpt2_jax.bench --config "$config" --config.sample.length=0 "$@" >"$out/$label.log" 2>&1
   local rc=$?
+  BENCH_RC=$rc
   tail -n 12 "$out/$label.log" | grep -v '^{'
   LABEL=$label RC=$rc LOG="$out/$label.log" "$PY" - >>"$out/bench.jsonl" <<'EOF'
 import json, os
 lines = open(os.environ["LOG"]).read().splitlines()
 row = {"label": os.environ["LABEL"]}
-if os.environ["RC"] == "0" and lines and lines[-1].startswith("{"):
-    row.update(json.loads(lines[-1]))
+results = [l for l in lines if l.startswith("{")]  # bench's JSON line; warnings may follow it
+if os.environ["RC"] == "0" and results:
+    row.update(json.loads(results[-1]))
 else:
     errors = [l for l in lines if l.startswith("error: ")] or lines[-1:] or ["no output"]
     row["error"] = f"exit {os.environ['RC']}: {errors[-1][:300]}"
@@ -92,29 +99,32 @@ case "$part" in
       -k "hf or cudnn or auto_attention or padded or remat or chunked" 2>&1 | tee "$out/tests.log" | tail -n 15
     bench check_auto configs/gpt2_124m.py --config.batch_size=8 "${GPT2_124M[@]}"
     ;;
-  124m)
-    for b in 16 32 64; do  # the best batch that fits (an out-of-memory run is recorded as its error)
+  124m)  # the headline first: compiled and eager torch, side by side
+    bench 124m_b32_torch configs/gpt2_124m.py --config.batch_size=32 "${GPT2_124M[@]}" --compare torch
+    for b in 16 64; do  # the best batch that fits (an out-of-memory run is recorded as its error)
       bench "124m_b$b" configs/gpt2_124m.py --config.batch_size=$b "${GPT2_124M[@]}"
     done
+    ;;
+  124m_variants)
     # where a step's time goes, per op: the tables are in 124m_b32_profile.log (the trace, too deep
     # for the device tool to bring back, stays in /tmp there)
     bench 124m_b32_profile configs/gpt2_124m.py --config.batch_size=32 "${GPT2_124M[@]}" --profile /tmp/profile_124m
     bench 124m_b32_xla configs/gpt2_124m.py --config.batch_size=32 --config.model.attention=xla "${GPT2_124M[@]}"
     bench 124m_b32_chunk256 configs/gpt2_124m.py --config.batch_size=32 --config.model.loss_chunk=256 "${GPT2_124M[@]}"
-    bench 124m_b32_torch configs/gpt2_124m.py --config.batch_size=32 "${GPT2_124M[@]}" --compare torch
     ;;
   medium)
     bench medium_b16_torch configs/gpt2_350m.py --config.batch_size=16 --config.grad_accum=1 --steps 10 --warmup 2 \
       --compare torch
     ;;
   xl)
-    for b in 8 16 32; do
+    for b in 8 16 32; do  # the largest micro-batch that fits: stop at the first that does not
       bench "xl_b${b}_remat" configs/gpt2_1558m.py --config.batch_size=$b --config.grad_accum=1 \
         --config.model.remat=full --config.model.loss_chunk=256 --steps 5 --warmup 2
+      [ "$BENCH_RC" = 0 ] || break
     done
     ;;
   *)
-    echo "error: unknown part '$part'; use wheels, check, 124m, medium or xl" >&2
+    echo "error: unknown part '$part'; use wheels, check, 124m, 124m_variants, medium or xl" >&2
     exit 2
     ;;
 esac

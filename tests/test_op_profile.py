@@ -34,6 +34,7 @@ def test_cpu_traces_count_xla_ops_and_skip_host_bookkeeping(tmp_path):
         _op("SlinkyThreadPool::Await", 500),
         _op("ynn_fusion.3", 2_000), _op("ynn_fusion.12", 1_000), _op("ynn_fusion.3", 500),
         _op("copy_bitcast_fusion", 250), _op("wrapped_is-finite", 250),
+        _op("while.4", 3_000),  # a loop's time is its body's ops, already counted
     ])  # fmt: skip
     ops = op_profile.op_times(path)
     assert ops == [OpTime("ynn_fusion.3", 2.5, 2), OpTime("ynn_fusion.12", 1.0, 1),
@@ -44,16 +45,22 @@ def test_cpu_traces_count_xla_ops_and_skip_host_bookkeeping(tmp_path):
     assert text.splitlines()[-1].split() == ["all", "4", "4.0", "100.0%"]
 
 
-def test_device_traces_use_the_xla_ops_line_where_there_is_one(tmp_path):
+def test_device_traces_use_the_xla_ops_line_else_the_streams_named_by_hlo_op(tmp_path):
     host = [*_meta(1, "/host:CPU", {1: "python"}), _op("fusion.1", 7_000)]  # host-side launch, not device time
-    device = _meta(2, "/device:GPU:0", {10: "Stream #13(Compute)", 11: "XLA Ops"})
-    kernels = [_op("void cutlass::Kernel2<sm90_gemm>(Params)", 900, pid=2, tid=10), _op("loop_fusion", 100, pid=2, tid=10)]
-    xla_ops = [_op("dot.5", 900, pid=2, tid=11), _op("loop_fusion", 100, pid=2, tid=11)]
-    with_line = op_profile.op_times(_write(tmp_path / "a.trace.json.gz", host + device + kernels + xla_ops))
-    assert with_line == [OpTime("dot.5", 0.9, 1), OpTime("loop_fusion", 0.1, 1)]
-    # without an "XLA Ops" line, every device event counts, whatever its name
-    without = op_profile.op_times(_write(tmp_path / "b.trace.json.gz", host + device[:2] + kernels))
-    assert without == [OpTime("void cutlass::Kernel2<sm90_gemm>(Params)", 0.9, 1), OpTime("loop_fusion", 0.1, 1)]
+    device = _meta(2, "/device:GPU:0", {10: "Stream #13(Compute)", 11: "XLA Ops", 12: "XLA Modules"})
+    kernels = [_op("void cutlass::Kernel2<sm90_gemm>(Params)", 900, pid=2, tid=10), _op("loop_fusion_3", 100, pid=2, tid=10)]
+    kernels[0]["args"] = {"hlo_op": "dot.5", "hlo_module": "jit__train_step"}
+    xla_ops = [_op("dot.5", 900, pid=2, tid=11), _op("loop_fusion.3", 100, pid=2, tid=11)]
+    module = [_op("jit__train_step", 1_000, pid=2, tid=12)]  # spans the whole step: never counted
+    with_line = op_profile.op_times(_write(tmp_path / "a.trace.json.gz", host + device + kernels + xla_ops + module))
+    assert with_line == [OpTime("dot.5", 0.9, 1), OpTime("loop_fusion.3", 0.1, 1)]
+    # without an "XLA Ops" line: the stream lines, each kernel named by its XLA op where the trace says
+    no_ops_line = [e for e in device if e.get("tid") != 11]
+    without = op_profile.op_times(_write(tmp_path / "b.trace.json.gz", host + no_ops_line + kernels + module), True)
+    assert without == [OpTime("dot.5", 0.9, 1), OpTime("loop_fusion_3", 0.1, 1)]
+    # an accelerator run whose trace has no device events is an error, not host launches as op times
+    with pytest.raises(op_profile.NoDeviceEvents, match="no device events"):
+        op_profile.op_times(_write(tmp_path / "c.trace.json.gz", host), device=True)
 
 
 def test_bench_profile_traces_one_step_and_prints_its_ops(tmp_path, capsys):
