@@ -115,21 +115,25 @@ class Checkpoints:
         """`restore(step)` for the newest step where it succeeds. Unreadable checkpoints
         (truncated, corrupted) are skipped with a warning naming them; CheckpointError if none
         is usable or there are none (never a silent fresh start)."""
-        failures = []
+        failures = {}  # step -> reason
         for step in reversed(self.steps()):
             try:
                 return restore(step)
             except Exception as e:  # Orbax/tensorstore raise many kinds on damaged files
-                reason = _one_line(e)
-                failures.append(f"{step} ({reason})")
-                self.skipped.append(f"checkpoint {self.path(step)} is unusable, skipped it: {reason}")
+                failures[step] = _one_line(e)
+                self.skipped.append(f"checkpoint {self.path(step)} is unusable, skipped it: {failures[step]}")
                 log.warning(self.skipped[-1])
         if not failures:
             raise CheckpointError(f"no checkpoints in {self.directory}")
-        raise CheckpointError(
-            f"no usable checkpoint in {self.directory}: {'; '.join(failures)}. Move the folder "
-            "away to start afresh, or fix the files"
-        )
+        reasons = set(failures.values())
+        if len(failures) > 1 and len(reasons) == 1:  # damage rarely repeats itself exactly: say so
+            listed = f"{', '.join(map(str, failures))} all fail the same way ({reasons.pop()})"
+            also = ("; the same error from every checkpoint can also mean a problem of this program or its "
+                    "settings rather than of the files")  # fmt: skip
+        else:
+            listed, also = "; ".join(f"{step} ({reason})" for step, reason in failures.items()), ""
+        raise CheckpointError(f"no usable checkpoint in {self.directory}: {listed}. Move the folder away to start "
+                              f"afresh, or fix the files{also}")  # fmt: skip
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))

@@ -114,3 +114,21 @@ def test_workdir_lock_refuses_a_second_holder_and_frees_on_death(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
     with WorkdirLock(str(tmp_path)):
         pass
+
+
+def test_the_same_error_from_every_checkpoint_is_named_once_with_both_readings(tmp_path):
+    ckpts = Checkpoints(str(tmp_path))
+    for step in (3, 6):
+        ckpts.save(step, _state(_mesh(8), step), {"next_batch": step}, {}, TINY)
+    ckpts.close()
+
+    def fails(step):
+        raise TypeError("the sharding on the input must be a NamedSharding")
+
+    with pytest.raises(CheckpointError) as e:
+        Checkpoints(str(tmp_path)).newest_usable(fails)
+    message = str(e.value)
+    assert message.startswith(f"no usable checkpoint in {tmp_path}/checkpoints: 6, 3 all fail the same way "
+                              "(TypeError: the sharding on the input must be a NamedSharding). Move the folder away")  # fmt: skip
+    assert message.endswith("can also mean a problem of this program or its settings rather than of the files")
+    assert message.count("NamedSharding") == 1 and "\n" not in message
