@@ -230,8 +230,7 @@ def attention_problem(config: GPT2Config, kernel: str, where: str | None = None)
             return "needs dtype 'bfloat16' (cuDNN's flash attention has no float32 kernel)"
         if config.head_dim % 8 or config.head_dim > 128:
             return f"needs a head size (n_embd / n_head) that is a multiple of 8 up to 128, not {config.head_dim}"
-        if here and float(jax.local_devices()[0].compute_capability) < 8.0:
-            capability = jax.local_devices()[0].compute_capability
+        if here and float(capability := jax.local_devices()[0].compute_capability) < 8.0:
             return f"needs an Ampere or newer GPU (compute capability 8.0+, not {capability})"
     if kernel == "pallas" and where != "tpu":
         return f"is a TPU kernel (this process runs on {where}, where it runs only in slow interpret mode)"
