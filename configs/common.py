@@ -2,7 +2,7 @@
 
 A config file is code: `get_config(arg)` builds a ConfigDict from `base_config()`, sets what its
 job needs and returns it locked, so `--config.KEY=VALUE` can change any key but a misspelt one
-fails. The trainer (gpt2_jax/train.py) is the only reader of these keys.
+fails. The trainer (gpt2_jax/train/cli.py) is the only reader of these keys.
 """
 
 from __future__ import annotations

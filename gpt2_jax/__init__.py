@@ -11,9 +11,9 @@ __all__ = ["GPT2Config", "GPT2", "load_hf", "save_hf", "get_tokenizer"]
 _HOME = {
     "GPT2Config": "gpt2_jax.model",
     "GPT2": "gpt2_jax.model",
-    "load_hf": "gpt2_jax.hf",
-    "save_hf": "gpt2_jax.hf",
-    "get_tokenizer": "gpt2_jax.tokenizer",
+    "load_hf": "gpt2_jax.interop.hf",
+    "save_hf": "gpt2_jax.interop.hf",
+    "get_tokenizer": "gpt2_jax.interop.tokenizer",
 }
 
 

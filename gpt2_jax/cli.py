@@ -6,9 +6,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-
-class UserError(Exception):
-    """Something the user can fix; the message says what and how."""
+from gpt2_jax.errors import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -23,14 +21,8 @@ def first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input rather than a bug (imported lazily: no JAX at import)."""
-    from gpt2_jax.checkpoint import CheckpointError
-    from gpt2_jax.data import DataError
-    from gpt2_jax.hf import HFFormatError
-    from gpt2_jax.lock import WorkdirBusy
-
-    return (UserError, DataError, HFFormatError, CheckpointError, WorkdirBusy, FileExistsError, FileNotFoundError)
+# Errors that mean bad input rather than a bug: every UserError kind, and files named wrongly.
+USER_ERRORS = (UserError, FileExistsError, FileNotFoundError)
 
 
 # What to change when a training step does not fit in device memory.
@@ -56,7 +48,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        message = first_line(e) if isinstance(e, user_errors()) else out_of_memory(e, memory_hint)
+        message = first_line(e) if isinstance(e, USER_ERRORS) else out_of_memory(e, memory_hint)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)

@@ -31,7 +31,7 @@
 #   DELETE_AT_END     1: delete the slice after a successful run (default 0)
 #
 # Not run here: the development machine has no Google Cloud credentials or TPUs. Checked with
-# ShellCheck only; the pieces it relies on (TPU detection in gpt2_jax.distributed, resume from a
+# ShellCheck only; the pieces it relies on (TPU detection in gpt2_jax.parallel.distributed, resume from a
 # workdir) are tested on CPU.
 set -euo pipefail
 

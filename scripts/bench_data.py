@@ -21,7 +21,8 @@ import time
 
 import numpy as np
 
-from gpt2_jax import corpus, data, prepare
+from gpt2_jax.data import corpus, prepare
+from gpt2_jax.data import loader as data
 
 
 def write_texts(folder: str, copies: int) -> int:

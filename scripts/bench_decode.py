@@ -54,7 +54,7 @@ def best_of_interleaved(fns: dict, repeats: int) -> dict:
 def jax_generate(config, params, prompt: np.ndarray, new_tokens: int):
     import jax
 
-    from gpt2_jax.sampling import Sampler, SamplingConfig
+    from gpt2_jax.infer.sampling import Sampler, SamplingConfig
 
     sampler = Sampler(config, params, SamplingConfig(temperature=0.0))
     rng = jax.random.key(0)
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     import jax
     import torch
 
-    from gpt2_jax.hf import save_hf
+    from gpt2_jax.interop.hf import save_hf
     from gpt2_jax.model import GPT2Config, count_params, init_params
 
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls, as torch does

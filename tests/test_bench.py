@@ -6,9 +6,10 @@ import json
 import jax
 import pytest
 
-from gpt2_jax import bench, metrics
 from gpt2_jax.cli import TRAINING_MEMORY_HINT, run
 from gpt2_jax.model import GPT2Config
+from gpt2_jax.tools import bench
+from gpt2_jax.train import metrics
 
 TINY = ["--config", "configs/tiny.py", "--config.batch_size=16", "--config.model.block_size=32",
         "--config.sample.length=0", "--steps", "2", "--warmup", "1"]  # fmt: skip

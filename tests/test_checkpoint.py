@@ -9,11 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gpt2_jax.checkpoint import CheckpointError, Checkpoints, abstract_with_shardings
-from gpt2_jax.lock import WorkdirBusy, WorkdirLock
+from gpt2_jax.interop.checkpoint import (
+    CheckpointError,
+    Checkpoints,
+    abstract_with_shardings,
+)
 from gpt2_jax.model import GPT2Config
+from gpt2_jax.train.lock import WorkdirBusy, WorkdirLock
 
 TINY = GPT2Config.from_preset("tiny", dtype="bfloat16")
 
@@ -80,7 +85,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog)
     ckpts.save(20, _state(_mesh(8), 20.0), {"next_batch": 20}, {}, TINY)
     ckpts.close()
     _truncate_state_files(ckpts.path(20))
-    with caplog.at_level(logging.WARNING, logger="gpt2_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="gpt2_jax.interop.checkpoint"):
         restored = Checkpoints(str(tmp_path)).restore_latest(_target(_mesh(8)))
     assert restored.step == 10 and restored.data_state == {"next_batch": 10}
     assert any(ckpts.path(20) in r.getMessage() and "unusable" in r.getMessage() for r in caplog.records)
@@ -110,7 +115,7 @@ def test_workdir_lock_refuses_a_second_holder_and_frees_on_death(tmp_path):
         with pytest.raises(WorkdirBusy, match=f"pid {os.getpid()}"):
             WorkdirLock(str(tmp_path)).acquire()
     # a process that dies holding the lock (SIGKILL: no cleanup) does not leave it stuck
-    code = "import os, sys; from gpt2_jax.lock import WorkdirLock; WorkdirLock(sys.argv[1]).acquire(); os._exit(0)"
+    code = "import os, sys; from gpt2_jax.train.lock import WorkdirLock; WorkdirLock(sys.argv[1]).acquire(); os._exit(0)"
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
     with WorkdirLock(str(tmp_path)):
         pass

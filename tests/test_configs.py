@@ -9,8 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gpt2_jax import plan as plan_lib, train
-from gpt2_jax.prepare import HEADER_WORDS, MAGIC, VERSION
+from gpt2_jax.data.prepare import HEADER_WORDS, MAGIC, VERSION
+from gpt2_jax.train import cli as train
+from gpt2_jax.train import plan as plan_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["tiny", "shakespeare", "gpt2_124m", "gpt2_350m", "gpt2_774m", "gpt2_1558m"]

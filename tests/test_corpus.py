@@ -8,8 +8,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from gpt2_jax import corpus, prepare
-from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+from gpt2_jax.data import corpus, prepare
+from gpt2_jax.interop.tokenizer import EOT_ID, get_tokenizer
 
 VAL_TITLES = ["THE HISTORY OF KING HENRY THE SIXTH, THIRD PART", "A LOVER'S COMPLAINT", "MUCH ADO ABOUT NOTHING",
               "THE PASSIONATE PILGRIM", "THE RAPE OF LUCRECE", "THE TAMING OF THE SHREW",

@@ -11,9 +11,11 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gpt2_jax import data, prepare
+from gpt2_jax.data import loader as data
+from gpt2_jax.data import prepare
 
 T = 16  # block_size
 SIZES = (1000, 777, 1500)  # tokens per shard: (n - 1) // T = 62 + 48 + 93 windows
@@ -117,7 +119,7 @@ def test_restore_in_a_fresh_process(shards, tmp_path):
     expected = np.stack([b["inputs"] for b in take(it, 4)])
     script = textwrap.dedent(f"""
         import json, sys, numpy as np
-        from gpt2_jax import data
+        from gpt2_jax.data import loader as data
         it = data.make_train_iterator({shards!r}, block_size={T}, global_batch_size=8, seed=11)
         it.set_state(json.load(open(sys.argv[1] + "/state.json")))
         np.save(sys.argv[1] + "/next.npy", np.stack([next(it)["inputs"] for _ in range(4)]))

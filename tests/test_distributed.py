@@ -1,4 +1,4 @@
-"""gpt2_jax.distributed and launch/local.sh: settings resolution, 2 processes x 2 CPU devices
+"""gpt2_jax.parallel.distributed and launch/local.sh: settings resolution, 2 processes x 2 CPU devices
 doing cross-process collectives, and failures that end the run instead of hanging it."""
 
 import json
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_jax import distributed
 from gpt2_jax.cli import UserError
+from gpt2_jax.parallel import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "launch" / "local.sh"
@@ -29,7 +29,7 @@ WORKER = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from gpt2_jax import distributed
+    from gpt2_jax.parallel import distributed
     plan = distributed.initialize()
     print("JOINED", plan.process_id, plan.num_processes, flush=True)
     if mode == "die_after" and pid == 1:

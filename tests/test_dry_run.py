@@ -4,8 +4,11 @@ import jax
 import numpy as np
 from runs import tiny
 
-from gpt2_jax import dry_run, plan as plan_lib, sharding, train
-from gpt2_jax.trainer import Trainer
+from gpt2_jax.parallel import sharding
+from gpt2_jax.train import cli as train
+from gpt2_jax.train import dry_run
+from gpt2_jax.train import plan as plan_lib
+from gpt2_jax.train.trainer import Trainer
 
 
 def _per_device_state_bytes(c):

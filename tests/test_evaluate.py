@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from gpt2_jax import evaluate
-from gpt2_jax.cli import run
-from gpt2_jax.tokenizer import get_tokenizer
 from hf_reference import hf_model, save_folder
+
+from gpt2_jax.cli import run
+from gpt2_jax.interop.tokenizer import get_tokenizer
+from gpt2_jax.tools import evaluate
 
 
 def write_shard(path, tokens):
@@ -63,9 +63,9 @@ def test_a_checkpoint_trained_with_cudnn_attention_evaluates_on_this_cpu(hf_dir,
     import jax
     import optax
 
-    from gpt2_jax.checkpoint import Checkpoints
-    from gpt2_jax.hf import load_hf
-    from gpt2_jax.steps import TrainState
+    from gpt2_jax.interop.checkpoint import Checkpoints
+    from gpt2_jax.interop.hf import load_hf
+    from gpt2_jax.train.steps import TrainState
 
     config, params = load_hf(hf_dir)
     state = TrainState.create(apply_fn=None, params=jax.device_put(params), tx=optax.adamw(1e-3),

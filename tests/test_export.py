@@ -7,13 +7,13 @@ import numpy as np
 import optax
 import torch
 import transformers
-
-from gpt2_jax import export
-from gpt2_jax.checkpoint import Checkpoints
-from gpt2_jax.cli import run
-from gpt2_jax.hf import load_hf
-from gpt2_jax.steps import TrainState
 from hf_reference import hf_logits, hf_model, save_folder
+
+from gpt2_jax.cli import run
+from gpt2_jax.interop.checkpoint import Checkpoints
+from gpt2_jax.interop.hf import load_hf
+from gpt2_jax.tools import export
+from gpt2_jax.train.steps import TrainState
 
 
 def _workdir(tmp_path, config, params, steps=(4, 8)):
@@ -70,8 +70,9 @@ def test_train_export_and_transformers_agree_with_evaluate(shards, tmp_path, cap
 
     from runs import tiny
 
-    from gpt2_jax import evaluate, train
-    from gpt2_jax.tokenizer import get_tokenizer
+    from gpt2_jax.interop.tokenizer import get_tokenizer
+    from gpt2_jax.tools import evaluate
+    from gpt2_jax.train import cli as train
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     workdir, out = str(tmp_path / "run"), str(tmp_path / "export")

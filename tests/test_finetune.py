@@ -10,11 +10,16 @@ import optax
 import pytest
 from runs import load_config
 
-from gpt2_jax import data, evaluate, prepare, steps, summarize, train
 from gpt2_jax.cli import run
+from gpt2_jax.data import loader as data
+from gpt2_jax.data import prepare
+from gpt2_jax.data.pairs import COMPLETION, MASK_MAGIC, PROMPT, START
+from gpt2_jax.infer import rouge as summarize
+from gpt2_jax.interop.tokenizer import EOT_ID, get_tokenizer
 from gpt2_jax.model import GPT2, GPT2Config, init_params
-from gpt2_jax.pairs import COMPLETION, MASK_MAGIC, PROMPT, START
-from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+from gpt2_jax.tools import evaluate
+from gpt2_jax.train import cli as train
+from gpt2_jax.train import steps
 
 TEMPLATE = summarize.TEMPLATE
 

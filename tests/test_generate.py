@@ -7,15 +7,15 @@ import jax
 import numpy as np
 import optax
 import pytest
-
-from gpt2_jax import generate
-from gpt2_jax.checkpoint import Checkpoints
-from gpt2_jax.cli import run
-from gpt2_jax.hf import load_hf
-from gpt2_jax.sampling import Sampler, SamplingConfig
-from gpt2_jax.steps import TrainState
-from gpt2_jax.tokenizer import get_tokenizer
 from hf_reference import hf_model, save_folder
+
+from gpt2_jax.cli import run
+from gpt2_jax.infer import generate
+from gpt2_jax.infer.sampling import Sampler, SamplingConfig
+from gpt2_jax.interop.checkpoint import Checkpoints
+from gpt2_jax.interop.hf import load_hf
+from gpt2_jax.interop.tokenizer import get_tokenizer
+from gpt2_jax.train.steps import TrainState
 
 
 @pytest.fixture(scope="module")

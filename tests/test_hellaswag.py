@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax.evaluate import hellaswag, read_hellaswag
+from gpt2_jax.interop.load import LoadedModel
+from gpt2_jax.interop.tokenizer import get_tokenizer
 from gpt2_jax.model import GPT2Config, init_params
-from gpt2_jax.sources import LoadedModel
-from gpt2_jax.tokenizer import get_tokenizer
+from gpt2_jax.tools.evaluate import hellaswag, read_hellaswag
 
 SCORES = {" red": 4.0, " blue": 2.0}  # log-odds over the other 50,255 tokens (score 0)
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_reference import hf_logits, hf_model, save_folder
 from safetensors.numpy import load_file, save_file
 
 from gpt2_jax import GPT2, get_tokenizer, load_hf, save_hf
-from gpt2_jax.hf import HFFormatError
-from hf_reference import hf_logits, hf_model, save_folder
+from gpt2_jax.interop.hf import HFFormatError
 
 ODD_TEXT = (
     "Hello world! Héllo wörld.  Ünïcödé\n\n\ttabs\t\tand   spaces   \r\n"

@@ -6,8 +6,8 @@ import os
 import jax
 import pytest
 
-from gpt2_jax import metrics
 from gpt2_jax.model import GPT2Config
+from gpt2_jax.train import metrics
 
 
 def test_flops_per_token_counts_matmuls_and_attention():
@@ -83,7 +83,7 @@ def test_flops_per_token_of_gpt2_124m_matches_6n_plus_attention_within_1_percent
 
 
 def test_a_resumed_writer_drops_rows_logged_after_its_checkpoint(tmp_path):
-    from gpt2_jax.metrics import MetricsWriter
+    from gpt2_jax.train.metrics import MetricsWriter
 
     with MetricsWriter(str(tmp_path), total_steps=10, progress=False) as w:
         for step in range(1, 8):

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_reference import hf_logits, hf_model, save_folder
 
-from gpt2_jax.hf import load_hf
+from gpt2_jax.interop.hf import load_hf
 from gpt2_jax.model import (
     GPT2,
     GPT2Config,
@@ -20,7 +21,6 @@ from gpt2_jax.model import (
     logical_axes,
     loss_fn,
 )
-from hf_reference import hf_logits, hf_model, save_folder
 
 PARITY_CASES = [
     dict(n_embd=64, n_layer=2, n_head=4, n_positions=64),
@@ -284,7 +284,7 @@ def test_hidden_states_through_the_head_are_the_logits():
 
 
 def _loss_and_grads(config, params, tokens, targets, mesh_shape=None):
-    from gpt2_jax import sharding
+    from gpt2_jax.parallel import sharding
 
     f = jax.jit(jax.value_and_grad(lambda p: loss_fn(GPT2(config), p, tokens, targets)))
     if mesh_shape is None:

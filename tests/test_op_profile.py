@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from gpt2_jax import bench, op_profile
 from gpt2_jax.cli import run
-from gpt2_jax.op_profile import OpTime
+from gpt2_jax.tools import bench, op_profile
+from gpt2_jax.tools.op_profile import OpTime
 
 
 def _write(path, events):

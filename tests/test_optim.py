@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2_jax import optim
 from gpt2_jax.model import GPT2Config, abstract_params
+from gpt2_jax.train import optim
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():

@@ -5,8 +5,8 @@ import json
 import matplotlib.image
 import pytest
 
-from gpt2_jax import plot
 from gpt2_jax.cli import run
+from gpt2_jax.tools import plot
 
 
 def _workdir(path, steps=20, final_val=3.0, partial_last_line=False):

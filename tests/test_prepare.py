@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2_jax import prepare
-from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+from gpt2_jax.data import prepare
+from gpt2_jax.interop.tokenizer import EOT_ID, get_tokenizer
 
 UNICODE_DOCS = [
     "Hello world",

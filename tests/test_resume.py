@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 from runs import cli, rows, tiny
 
-from gpt2_jax import faults, plan as plan_lib, sharding, train
-from gpt2_jax.checkpoint import Checkpoints
-from gpt2_jax.lock import WorkdirLock
-from gpt2_jax.preemption import StopRequest
-from gpt2_jax.sources import load_workdir
-from gpt2_jax.trainer import Trainer
+from gpt2_jax.interop.checkpoint import Checkpoints
+from gpt2_jax.interop.load import load_workdir
+from gpt2_jax.parallel import sharding
+from gpt2_jax.train import cli as train
+from gpt2_jax.train import faults
+from gpt2_jax.train import plan as plan_lib
+from gpt2_jax.train.lock import WorkdirLock
+from gpt2_jax.train.preemption import StopRequest
+from gpt2_jax.train.trainer import Trainer
 
 SETTINGS = {
     "data.path": None, "data.bundled": "", "model.vocab_size": 512, "model.block_size": 32, "batch_size": 16,

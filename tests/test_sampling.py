@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt2_jax.infer.sampling import Sampler, SamplingConfig, sample_next
+from gpt2_jax.interop.tokenizer import EOT_ID
 from gpt2_jax.model import GPT2, GPT2Config, init_params
-from gpt2_jax.sampling import Sampler, SamplingConfig, sample_next
-from gpt2_jax.tokenizer import EOT_ID
 
 
 def _model(seed=0, scale=4.0):
@@ -41,7 +41,7 @@ def test_greedy_equals_transformers_generate_token_for_token(tmp_path):
     import torch
     from hf_reference import hf_model, save_folder
 
-    from gpt2_jax.hf import load_hf
+    from gpt2_jax.interop.hf import load_hf
 
     reference = hf_model(n_positions=64, scale=0.5)
     config, params = load_hf(save_folder(reference, tmp_path / "hf"))

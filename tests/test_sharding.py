@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gpt2_jax import optim, sharding, steps
 from gpt2_jax.model import GPT2, GPT2Config
+from gpt2_jax.parallel import sharding
+from gpt2_jax.train import optim, steps
 
 
 @pytest.mark.parametrize("axes, n, expected", [

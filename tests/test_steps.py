@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from gpt2_jax import steps
 from gpt2_jax.model import GPT2, GPT2Config, init_params, loss_fn
+from gpt2_jax.train import steps
 
 VOCAB = 256
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from gpt2_jax import tokenizer as tok
-from gpt2_jax.tokenizer import EOT_ID, get_tokenizer, hf_vocab_and_merges
+from gpt2_jax.interop import tokenizer as tok
+from gpt2_jax.interop.tokenizer import EOT_ID, get_tokenizer, hf_vocab_and_merges
 
 ODD_UNICODE = [
     "",

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from runs import VOCAB, cli, losses, markov_tokens, rows, tiny, write_shard
 
-from gpt2_jax import hf, optim, plan as plan_lib, sharding, steps, train
-from gpt2_jax.data import make_train_iterator
+from gpt2_jax.data.loader import make_train_iterator
+from gpt2_jax.interop import hf
 from gpt2_jax.model import GPT2, GPT2Config, init_params
-
+from gpt2_jax.parallel import sharding
+from gpt2_jax.train import cli as train
+from gpt2_jax.train import optim, steps
+from gpt2_jax.train import plan as plan_lib
 
 # --- end to end ----------------------------------------------------------------------------
 

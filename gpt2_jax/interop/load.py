@@ -7,9 +7,9 @@ from typing import NamedTuple
 
 import jax
 
-from gpt2_jax.checkpoint import Checkpoints
-from gpt2_jax.cli import UserError
-from gpt2_jax.hf import load_hf
+from gpt2_jax.errors import UserError
+from gpt2_jax.interop.checkpoint import Checkpoints
+from gpt2_jax.interop.hf import load_hf
 from gpt2_jax.model import GPT2Config, abstract_params
 
 

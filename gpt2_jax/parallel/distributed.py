@@ -30,7 +30,7 @@ import threading
 import traceback
 from collections.abc import Mapping, Sequence
 
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
 
 DEFAULT_PORT = 8476  # JAX's default coordinator port on TPU pods
 DEFAULT_INIT_TIMEOUT = 300.0
@@ -192,7 +192,7 @@ def initialize(
     if _backends_started():
         raise DistributedError(
             "the distributed runtime must start before anything uses JAX devices; call "
-            "gpt2_jax.distributed.initialize() first thing in main()"
+            "gpt2_jax.parallel.distributed.initialize() first thing in main()"
         )
     if plan.coordinator is None and port is not None:  # SLURM / TPU: JAX finds the host, we set the port
         os.environ["JAX_COORDINATOR_PORT"] = str(port)
@@ -292,7 +292,7 @@ FLAGS = {
 }
 
 HELP = """\
-multi-process flags (all optional; see gpt2_jax/distributed.py):
+multi-process flags (all optional; see gpt2_jax/parallel/distributed.py):
   --coordinator HOST[:PORT]  process 0's address (or JAX_COORDINATOR_ADDRESS)
   --num_processes N          processes in the run (or JAX_NUM_PROCESSES); 1 turns detection off
   --process_id I             this process, 0..N-1 (or JAX_PROCESS_ID)

@@ -8,7 +8,7 @@ batch k = stream[k * G : (k + 1) * G]; host p of P reads rows [p * G/P, (p + 1) 
 the global batch does not depend on the number of hosts, and the iterator state is one number
 (the next global batch) plus what the order depends on; it is the same on every host.
 
-Prompt/completion data (shards with .mask files, see gpt2_jax/pairs.py) is read as one example
+Prompt/completion data (shards with .mask files, see gpt2_jax/data/pairs.py) is read as one example
 per row instead of windows, padded, with weights 1 only on completion targets; pretraining
 batches carry all-ones weights, so the trainer takes one path for both.
 
@@ -29,14 +29,15 @@ import grain
 import jax
 import numpy as np
 
-from gpt2_jax.prepare import HEADER_BYTES, MAGIC, VERSION
-from gpt2_jax.tokenizer import EOT_ID, VOCAB_SIZE
+from gpt2_jax.data.prepare import HEADER_BYTES, MAGIC, VERSION
+from gpt2_jax.errors import UserError
+from gpt2_jax.interop.tokenizer import EOT_ID, VOCAB_SIZE
 
 NUM_THREADS = 2  # threads reading batches ahead of the training step
 PREFETCH_BATCHES = 4  # host batches kept ready
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the token shards or the batch layout that the user can fix."""
 
 
@@ -126,8 +127,8 @@ class Windows:
 
 
 def load_mask(file: str, n_tokens: int) -> np.ndarray:
-    """The uint8 loss mask beside a token shard (gpt2_jax/pairs.py), checked against it."""
-    from gpt2_jax.pairs import MASK_MAGIC
+    """The uint8 loss mask beside a token shard (gpt2_jax/data/pairs.py), checked against it."""
+    from gpt2_jax.data.pairs import MASK_MAGIC
 
     with open(file, "rb") as f:
         header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
@@ -143,7 +144,7 @@ class Examples:
     nothing leaks between them; short fine-tuning examples waste some compute on padding."""
 
     def __init__(self, path: str, split: str, block_size: int, vocab_size: int = VOCAB_SIZE):
-        from gpt2_jax.pairs import START
+        from gpt2_jax.data.pairs import START
 
         self.files = shard_files(path, split)
         self.shards = [load_shard(f) for f in self.files]
@@ -161,7 +162,7 @@ class Examples:
     def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Each example's last block_size + 1 tokens (a longer prompt loses its start), then
         <|endoftext|> padding with weight 0."""
-        from gpt2_jax.pairs import COMPLETION
+        from gpt2_jax.data.pairs import COMPLETION
 
         T = self.block_size
         tokens = np.full((len(ids), T + 1), EOT_ID, dtype=np.int32)

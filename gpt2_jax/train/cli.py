@@ -5,7 +5,7 @@
 
 Several processes (a TPU pod, SLURM, launch/local.sh) join through jax.distributed: from the
 environment, or --coordinator HOST:PORT --num_processes N --process_id I [--coordinator_port P]
-[--init_timeout S] [--heartbeat_timeout S] (see gpt2_jax/distributed.py).
+[--init_timeout S] [--heartbeat_timeout S] (see gpt2_jax/parallel/distributed.py).
 
 The config is checked whole before anything compiles (`plan`): a config the trainer cannot run
 is refused with one line, `error: ...`, and exit status 2. Writes DIR/metrics.jsonl, TensorBoard
@@ -29,14 +29,15 @@ import sys
 import jax
 import ml_collections
 
-from gpt2_jax import data as data_lib
-from gpt2_jax import distributed, hf, metrics, sharding
-from gpt2_jax.checkpoint import CheckpointError, Checkpoints
-from gpt2_jax.cli import TRAINING_MEMORY_HINT, UserError, out_of_memory
-from gpt2_jax.lock import WorkdirBusy, WorkdirLock
-from gpt2_jax.plan import ConfigError, plan
-from gpt2_jax.preemption import Preempted, StopRequest
-from gpt2_jax.trainer import Diverged, Trainer, to_host
+from gpt2_jax.cli import TRAINING_MEMORY_HINT, out_of_memory
+from gpt2_jax.errors import UserError
+from gpt2_jax.interop.checkpoint import Checkpoints
+from gpt2_jax.parallel import distributed, sharding
+from gpt2_jax.train import metrics
+from gpt2_jax.train.lock import WorkdirLock
+from gpt2_jax.train.plan import plan
+from gpt2_jax.train.preemption import Preempted, StopRequest
+from gpt2_jax.train.trainer import Diverged, Trainer, to_host
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -73,7 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def compile_only(config: ml_collections.ConfigDict) -> int:
     """--dry_run: compile the train step for the configured mesh and print per-device memory and
     FLOPs, reading no data; 1 if it does not fit the device's memory, else 0."""
-    from gpt2_jax import dry_run
+    from gpt2_jax.train import dry_run
 
     p = plan(config, data=False)
     with sharding.use_mesh(p.mesh, p.rules):
@@ -86,7 +87,7 @@ def compile_only(config: ml_collections.ConfigDict) -> int:
 # --- CLI -------------------------------------------------------------------------------------
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A bad command line; main() prints it as `error: ...` and exits 2."""
 
 
@@ -169,9 +170,6 @@ def _first_line(e: BaseException) -> str:
     return lines[0]
 
 
-USER_ERRORS = (UsageError, UserError, ConfigError, data_lib.DataError, hf.HFFormatError, CheckpointError, WorkdirBusy)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if dry_run:
             return compile_only(config)
         train_and_evaluate(config, workdir)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
     except Diverged as e:
@@ -206,6 +204,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
-
-if __name__ == "__main__":
-    distributed.exit(main())

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gpt2_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = Sequence[tuple[str, "str | tuple[str, ...] | None"]]
@@ -47,7 +49,7 @@ DEFAULT_RULES: tuple = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """A mesh shape that does not fit the devices; the message says how to fix it."""
 
 

@@ -10,13 +10,14 @@ from typing import Any, Callable, NamedTuple, TypeVar
 import jax
 import orbax.checkpoint as ocp
 
+from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint where one was required; the message says what to do."""
 
 

@@ -1,6 +1,6 @@
 """The bundled Shakespeare corpus as token shards, prepared into a cache folder once and reused.
 
-    from gpt2_jax.corpus import shakespeare_path
+    from gpt2_jax.data.corpus import shakespeare_path
     path = shakespeare_path()   # ~/.cache/gpt2_jax/shakespeare, or $GPT2_JAX_CACHE/shakespeare
 
 Provenance and attribution: gpt2_jax/assets/shakespeare.PROVENANCE.md.
@@ -18,7 +18,7 @@ import tarfile
 from importlib import resources
 from typing import Iterator
 
-from gpt2_jax import prepare
+from gpt2_jax.data import prepare
 
 ASSET = "shakespeare.tar.xz"
 # Whole works go to validation by the hash of their text: 0.16 holds out 4 plays and 3 poems

@@ -14,17 +14,20 @@ import os
 import jax
 import ml_collections
 
-from gpt2_jax import data as data_lib
-from gpt2_jax import hf, optim, sharding, steps
+from gpt2_jax.data import loader as data_lib
+from gpt2_jax.errors import UserError
+from gpt2_jax.interop import hf
+from gpt2_jax.interop.tokenizer import EOT_ID, get_tokenizer
 from gpt2_jax.model import GPT2, GPT2Config, attention_kernel, attention_problem
-from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+from gpt2_jax.parallel import sharding
+from gpt2_jax.train import optim, steps
 
 BUNDLED = ("shakespeare",)
 # GPT2Config fields that come from the training config even when the shape comes from init_from.
 COMPUTE_FIELDS = ("dropout", "dtype", "remat", "attention", "vocab_pad_multiple", "loss_chunk")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config the trainer refuses; main() prints it as one `error: ...` line and exits 2."""
 
 
@@ -114,7 +117,7 @@ def _model_config(c: ml_collections.ConfigDict, hf_path: str | None, workdir: st
 
 
 def _workdir_config(path: str, **overrides) -> GPT2Config:
-    from gpt2_jax.checkpoint import Checkpoints
+    from gpt2_jax.interop.checkpoint import Checkpoints
 
     ckpts = Checkpoints(path, create=False)
     _require(bool(ckpts.steps()), f"init_from 'workdir:{path}': no checkpoints in {ckpts.directory}")
@@ -171,7 +174,7 @@ def _data_path(c: ml_collections.ConfigDict) -> str:
              f"data.bundled must be one of {BUNDLED} or '', got {c.data.bundled!r}")  # fmt: skip
     _require(bool(c.data.bundled), "data.path is empty: set --config.data.path=DIR, a folder of token shards "
              "made with python -m gpt2_jax.prepare")  # fmt: skip
-    from gpt2_jax import corpus
+    from gpt2_jax.data import corpus
 
     return corpus.shakespeare_path()
 

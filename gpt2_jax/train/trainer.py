@@ -11,15 +11,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from gpt2_jax import data as data_lib
-from gpt2_jax import faults, hf, metrics, optim, sharding, steps
-from gpt2_jax.checkpoint import Checkpoints, abstract_with_shardings
+from gpt2_jax.data import loader as data_lib
+from gpt2_jax.infer.sampling import Sampler, SamplingConfig
+from gpt2_jax.interop import hf
+from gpt2_jax.interop.checkpoint import Checkpoints, abstract_with_shardings
+from gpt2_jax.interop.load import load_workdir
+from gpt2_jax.interop.tokenizer import get_tokenizer
 from gpt2_jax.model import GPT2, count_params
-from gpt2_jax.plan import COMPUTE_FIELDS, ConfigError, Plan
-from gpt2_jax.preemption import Preempted, StopRequest
-from gpt2_jax.sampling import Sampler, SamplingConfig
-from gpt2_jax.sources import load_workdir
-from gpt2_jax.tokenizer import get_tokenizer
+from gpt2_jax.parallel import sharding
+from gpt2_jax.train import faults, metrics, optim, steps
+from gpt2_jax.train.plan import COMPUTE_FIELDS, ConfigError, Plan
+from gpt2_jax.train.preemption import Preempted, StopRequest
 
 # Shape fields a checkpoint must share with the config to resume from it.
 SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_pad_multiple")
@@ -113,7 +115,7 @@ class Trainer:
             self.sampler = Sampler(p.model, None, SamplingConfig(c.sample.temperature, c.sample.top_k))
         self.rouge_rows = []  # held-out prompt/completion rows scored at each evaluation (single process)
         if c.rouge.path and jax.process_count() == 1:
-            from gpt2_jax.summarize import read_pairs
+            from gpt2_jax.infer.rouge import read_pairs
 
             self.rouge_rows = read_pairs(c.rouge.path)[: c.rouge.examples]
         self.summary: dict = {}
@@ -283,7 +285,7 @@ class Trainer:
         """ROUGE-1/2/L F of greedy completions of the held-out prompts (rouge.path)."""
         import flax.linen as nn
 
-        from gpt2_jax.summarize import rouge_eval
+        from gpt2_jax.infer.rouge import rouge_eval
 
         with nn.logical_axis_rules(()):
             scores, _ = rouge_eval(self.p.model, state.params, self.rouge_rows, self.c.rouge.max_new_tokens)

@@ -16,10 +16,10 @@ from collections import defaultdict
 import jax
 import numpy as np
 
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
+from gpt2_jax.infer.sampling import Sampler, SamplingConfig
+from gpt2_jax.interop.tokenizer import EOT_ID, get_tokenizer
 from gpt2_jax.model import GPT2Config
-from gpt2_jax.sampling import Sampler, SamplingConfig
-from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 TEMPLATE = "{dialogue}\nTL;DR:"  # prompts of the synthetic set (prepare --template)
@@ -29,7 +29,7 @@ def read_pairs(path: str, prompt_field: str = "prompt", completion_field: str = 
                template: str | None = None) -> list[dict]:  # fmt: skip
     """{"prompt", "completion"} rows of a jsonl file (prepare writes DIR/val_pairs.jsonl); with
     `template`, the prompt is the template filled from each row's fields."""
-    from gpt2_jax import pairs
+    from gpt2_jax.data import pairs
 
     try:
         return [pairs.make_pair(where, row, prompt_field, completion_field, template)._asdict()

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2_jax.interop.tokenizer import EOT_ID
 from gpt2_jax.model import GPT2, GPT2Config, init_cache
-from gpt2_jax.tokenizer import EOT_ID
 
 
 @dataclasses.dataclass(frozen=True)

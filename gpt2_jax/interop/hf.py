@@ -9,8 +9,9 @@ import tempfile
 
 import numpy as np
 
+from gpt2_jax.errors import UserError
+from gpt2_jax.interop.tokenizer import EOT_ID, save_hf_tokenizer
 from gpt2_jax.model import GPT2Config
-from gpt2_jax.tokenizer import EOT_ID, save_hf_tokenizer
 
 _PREFIX = "transformer."
 # Buffers that older checkpoints carry and the model recomputes.
@@ -18,7 +19,7 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError, ValueError):
     """A folder that is not a GPT-2 checkpoint we can read exactly; the message says why."""
 
 

@@ -6,8 +6,10 @@ import fcntl
 import os
 import socket
 
+from gpt2_jax.errors import UserError
 
-class WorkdirBusy(RuntimeError):
+
+class WorkdirBusy(UserError, RuntimeError):
     """Another live process holds the workdir; the message names it."""
 
 

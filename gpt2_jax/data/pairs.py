@@ -18,9 +18,9 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from gpt2_jax import prepare
-from gpt2_jax.prepare import UserError
-from gpt2_jax.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
+from gpt2_jax.data import prepare
+from gpt2_jax.errors import UserError
+from gpt2_jax.interop.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
 
 MASK_MAGIC = 20240521
 START, PROMPT, COMPLETION = 2, 0, 1

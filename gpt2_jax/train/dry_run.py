@@ -13,8 +13,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from gpt2_jax import metrics
-from gpt2_jax.plan import Plan
+from gpt2_jax.train import metrics
+from gpt2_jax.train.plan import Plan
 
 GIB = 2**30
 

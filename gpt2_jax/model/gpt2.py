@@ -1,0 +1,239 @@
+"""GPT-2 in Flax Linen: the Hugging Face architecture and parameter names, with logical axis names."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpt2_jax.model.attention import SPLASH_BLOCK, attention_kernel, splash_attention
+from gpt2_jax.model.config import (
+    ACT_EMBED,
+    ACT_HEADS,
+    ACT_MLP,
+    ACT_VOCAB,
+    BATCH,
+    EMBED,
+    HEAD_DIM,
+    HEADS,
+    LENGTH,
+    MLP_DIM,
+    POSITIONS,
+    QKV,
+    REMAT_POLICIES,
+    VOCAB,
+    GPT2Config,
+)
+
+
+def _normal(std: float, names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+def _constant(value: float, names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.constant(value), names)
+
+
+class Conv1D(nn.Module):
+    """HF's Conv1D (a Dense whose kernel is [in, out]). `out_shape` splits the output features
+    (e.g. (3, heads, head_dim) for the fused qkv) so each piece gets its own logical axis."""
+
+    features: int
+    kernel_axes: tuple  # logical names of the stored [in, out] kernel
+    out_shape: tuple = ()  # optional view of the `features` dimension
+    out_axes: tuple = ()  # logical names of that view, used as a sharding constraint
+    std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # (..., in) -> (..., features) or (..., *out_shape)
+        kernel = self.param("kernel", _normal(self.std, self.kernel_axes), (x.shape[-1], self.features))
+        bias = self.param("bias", _constant(0.0, self.kernel_axes[1:]), (self.features,))
+        kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+        if self.out_shape:
+            kernel = kernel.reshape(kernel.shape[0], *self.out_shape)
+            kernel = nn.with_logical_constraint(kernel, (self.kernel_axes[0], *self.out_axes))
+            bias = bias.reshape(self.out_shape)
+        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=1)
+        return y + bias
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 (as HF does), returned in the compute dtype; `scale` and
+    `bias` sit directly under its name, like HF's `ln_1.weight` / `ln_1.bias`."""
+
+    epsilon: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", _constant(1.0, (EMBED,)), (d,))
+        bias = self.param("bias", _constant(0.0, (EMBED,)), (d,))
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype)
+
+
+def _layer_norm(config: GPT2Config, name: str) -> LayerNorm:
+    return LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, name=name)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with a fused qkv projection. With `decode`, keys and
+    values go into a fixed-size cache (the 'cache' collection) so generation compiles once.
+
+    config.attention picks the kernel: 'xla' (jax.nn.dot_product_attention, any device),
+    'cudnn' (its cuDNN flash attention; NVIDIA GPUs, bfloat16), 'pallas' (the splash
+    attention kernel from jax.experimental.pallas.ops.tpu, for TPUs; sequences whose length is
+    not a multiple of 128 fall back to 'xla'; off TPU it runs in Pallas interpret mode, slowly,
+    which is how the tests check its numbers), or 'auto' (see attention_kernel)."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool, decode: bool = False):  # (B, T, D) -> (B, T, D)
+        cfg = self.config
+        H, Dh = cfg.n_head, cfg.head_dim
+        qkv = Conv1D(
+            3 * cfg.n_embd, (EMBED, QKV), (3, H, Dh), (None, HEADS, HEAD_DIM),
+            dtype=cfg.compute_dtype, name="c_attn",
+        )(x)  # (B, T, 3, H, Dh)
+        qkv = nn.with_logical_constraint(qkv, (BATCH, LENGTH, None, ACT_HEADS, None))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, Dh)
+        kernel = attention_kernel(cfg)
+        if decode:
+            y = self._cached_attention(q, k, v)
+        elif cfg.dropout > 0 and not deterministic:
+            y = self._attention_with_dropout(q, k, v)
+        elif kernel == "pallas" and q.shape[1] % SPLASH_BLOCK == 0:
+            y = splash_attention(q, k, v)
+        else:
+            impl = "cudnn" if kernel == "cudnn" else "xla"
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        y = nn.with_logical_constraint(y, (BATCH, LENGTH, ACT_HEADS, None))
+        y = y.reshape(*y.shape[:2], cfg.n_embd)  # (B, T, D)
+        y = Conv1D(cfg.n_embd, (HEADS, EMBED), std=_residual_std(cfg), dtype=cfg.compute_dtype, name="c_proj")(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+    def _attention_with_dropout(self, q, k, v):
+        # jax.nn.dot_product_attention has no dropout; HF drops attention probabilities.
+        T = q.shape[1]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+        causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        probs = nn.Dropout(self.config.dropout)(probs, deterministic=False)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+    def _cached_attention(self, q, k, v):
+        # The cache's length is fixed when it is created (see `init_cache`); T new tokens are
+        # written at `index` and attend to every cached position up to their own.
+        B, T, H, Dh = q.shape
+        cached_k = self.variable("cache", "key", jnp.zeros, (B, T, H, Dh), k.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, (B, T, H, Dh), v.dtype)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        i = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+        index.value = i + T
+        L = cached_k.value.shape[1]
+        mask = jnp.arange(L)[None, :] <= (i + jnp.arange(T))[:, None]  # (T, L)
+        return jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask[None, None])
+
+
+class MLP(nn.Module):
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):  # (B, T, D) -> (B, T, D)
+        cfg = self.config
+        h = Conv1D(4 * cfg.n_embd, (EMBED, MLP_DIM), dtype=cfg.compute_dtype, name="c_fc")(x)  # (B, T, 4D)
+        h = nn.with_logical_constraint(h, (BATCH, LENGTH, ACT_MLP))
+        h = jax.nn.gelu(h, approximate=True)
+        h = Conv1D(cfg.n_embd, (MLP_DIM, EMBED), std=_residual_std(cfg), dtype=cfg.compute_dtype, name="c_proj")(h)
+        return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+
+
+def _residual_std(cfg: GPT2Config) -> float:
+    # GPT-2 scales the init of projections that write into the residual stream by 1/sqrt(2L).
+    return 0.02 / math.sqrt(2 * cfg.n_layer)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; the residual stream stays float32."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool, decode: bool = False):  # (B, T, D) float32
+        cfg = self.config
+        x = x + Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), deterministic, decode).astype(jnp.float32)
+        x = x + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), deterministic).astype(jnp.float32)
+        return nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model: int32 tokens (B, T) -> float32 logits (B, T, padded_vocab_size).
+    `decode=True` continues from the KV cache in the mutable 'cache' collection (see init_cache).
+    `return_hidden=True` stops before the LM head: the final hidden states (B, T, D) after ln_f,
+    in the compute dtype (the chunked loss applies the head itself, a piece at a time)."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, tokens, deterministic: bool = True, decode: bool = False, return_hidden: bool = False):
+        cfg = self.config
+        B, T = tokens.shape
+        wte = self.param("wte", _padded_normal(cfg), (cfg.padded_vocab_size, cfg.n_embd))
+        wpe = self.param("wpe", _normal(0.02, (POSITIONS, EMBED)), (cfg.n_positions, cfg.n_embd))
+        start = 0
+        if decode:
+            position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            start, position.value = position.value, position.value + T
+        x = wte[tokens] + jax.lax.dynamic_slice_in_dim(wpe, start, T)[None]  # (B, T, D) float32
+        x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        block = Block
+        if cfg.remat != "none" and not decode:
+            block = nn.remat(Block, static_argnums=(2, 3), policy=REMAT_POLICIES[cfg.remat])
+        for i in range(cfg.n_layer):
+            x = block(cfg, name=f"h_{i}")(x, deterministic, decode)
+        x = _layer_norm(cfg, "ln_f")(x)
+        if return_hidden:
+            return x
+        return lm_head(x, wte, cfg)
+
+
+def lm_head(x, wte, cfg: GPT2Config):
+    """(B, T, D) hidden states -> float32 logits (B, T, padded V), padding columns masked: the
+    LM head is tied to wte."""
+    logits = jnp.einsum("btd,vd->btv", x, wte.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    logits = nn.with_logical_constraint(logits, (BATCH, LENGTH, ACT_VOCAB))
+    return _mask_vocab_padding(logits, cfg)
+
+
+def _padded_normal(cfg: GPT2Config):
+    """wte init: normal(0.02) for real tokens, zeros for padding rows."""
+
+    def init(key, shape, dtype=jnp.float32):
+        w = 0.02 * jax.random.normal(key, shape, dtype)
+        return w.at[cfg.vocab_size :].set(0.0)
+
+    return nn.with_logical_partitioning(init, (VOCAB, EMBED))
+
+
+def _mask_vocab_padding(logits, cfg: GPT2Config):
+    """Padding columns pushed to the lowest float32. Added as a constant bias, not selected with
+    jnp.where: the same logits, but the gradient passes through unchanged instead of costing
+    another pass over the (B, T, V) logits (softmax is exactly 0 at those columns anyway)."""
+    if cfg.padded_vocab_size == cfg.vocab_size:
+        return logits
+    is_pad = jnp.arange(cfg.padded_vocab_size) >= cfg.vocab_size
+    return logits + jnp.where(is_pad, jnp.finfo(jnp.float32).min, 0.0)
+
+

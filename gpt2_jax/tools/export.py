@@ -1,0 +1,41 @@
+"""CLI: a training checkpoint -> a Hugging Face folder that transformers loads offline.
+
+    python -m gpt2_jax.export --workdir runs/shakespeare --out exported/shakespeare [--step N] [--overwrite]
+
+Writes config.json, model.safetensors (float32, vocab padding trimmed), generation_config.json
+and the GPT-2 tokenizer files, into a temporary folder renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+
+from gpt2_jax.cli import ArgumentParser, run
+from gpt2_jax.errors import UserError
+from gpt2_jax.interop.hf import save_hf
+from gpt2_jax.interop.load import load_workdir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m gpt2_jax.export", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="training workdir")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest usable one)")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = p.parse_args(argv)
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise UserError(f"{args.out} is not empty; pass --overwrite to replace it")
+    model = load_workdir(args.workdir, args.step, dtype="float32")
+    if jax.process_index() == 0:
+        save_hf(out, model.config.replace(dropout=0.0), jax.device_get(model.params), overwrite=args.overwrite)
+    print(f"exported {model.label} to {args.out}")
+    return 0
+
+
+def cli() -> int:
+    """`python -m gpt2_jax.export`: main() with user errors as one line and exit status 2."""
+    return run(main)
