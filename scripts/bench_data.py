@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from gpt2_jax.data import corpus, prepare
+from gpt2_jax.data import corpus, shards
 from gpt2_jax.data import loader as data
 
 
@@ -59,7 +59,7 @@ def bench_loader(tmp: str, n_tokens: int, block_size: int, batch: int, batches: 
         os.makedirs(path)
         tokens = np.random.default_rng(0).integers(0, 50257, size=n_tokens, dtype=np.uint16)
         with open(os.path.join(path, "train_000000.bin"), "wb") as f:
-            f.write(prepare.shard_header(n_tokens) + tokens.tobytes())
+            f.write(shards.shard_header(n_tokens) + tokens.tobytes())
     it = data.make_train_iterator(path, block_size=block_size, global_batch_size=batch, seed=0,
                                   process_index=0, process_count=1)  # fmt: skip
     for _ in range(5):

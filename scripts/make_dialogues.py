@@ -1,4 +1,4 @@
-"""Write the synthetic dialogue -> summary set (gpt2_jax.infer.rouge) as SAMSum-style jsonl files.
+"""Write the synthetic dialogue -> summary set (gpt2_jax.data.dialogues) as SAMSum-style jsonl files.
 
     python scripts/make_dialogues.py --out data/dialogues_raw --train 4000 --test 200
 
@@ -9,7 +9,7 @@ dialogue's facts (who, where, when, yes or no). test.jsonl is drawn with another
 import argparse
 import os
 
-from gpt2_jax.infer.rouge import synthetic_dialogues, write_jsonl
+from gpt2_jax.data.dialogues import synthetic_dialogues, write_jsonl
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--out", required=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_jax.data.prepare import HEADER_WORDS, MAGIC, VERSION
+from gpt2_jax.data.shards import HEADER_WORDS, MAGIC, VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512

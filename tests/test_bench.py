@@ -9,7 +9,7 @@ import pytest
 from gpt2_jax.cli import TRAINING_MEMORY_HINT, run
 from gpt2_jax.model import GPT2Config
 from gpt2_jax.tools import bench
-from gpt2_jax.train import metrics
+from gpt2_jax.train import flops
 
 TINY = ["--config", "configs/tiny.py", "--config.batch_size=16", "--config.model.block_size=32",
         "--config.sample.length=0", "--steps", "2", "--warmup", "1"]  # fmt: skip
@@ -27,9 +27,9 @@ def test_json_line_bookkeeping(capsys):
     assert out["tokens_per_step"] == tokens_per_step and out["grad_accum"] == 2
     assert out["tokens_per_sec"] == pytest.approx(tokens_per_step / (out["step_ms"] / 1e3), rel=1e-12)
     config = GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4, vocab_pad_multiple=128)
-    assert out["flops_per_token"] == metrics.flops_per_token(config, 32)
+    assert out["flops_per_token"] == flops.flops_per_token(config, 32)
     assert out["model_tflops"] == pytest.approx(out["tokens_per_sec"] * out["flops_per_token"] / 1e12, rel=1e-12)
-    peak = metrics.total_peak_flops(jax.devices(), "float32")
+    peak = flops.total_peak_flops(jax.devices(), "float32")
     if peak is None:
         assert out["mfu"] is None
     else:
@@ -46,6 +46,31 @@ def test_compare_torch_reports_both_and_their_ratio(capsys):
     assert out["torch_tokens_per_sec"] == pytest.approx(out["tokens_per_step"] / (out["torch_step_ms"] / 1e3), rel=1e-12)
     assert out["ratio"] == pytest.approx(out["tokens_per_sec"] / out["torch_tokens_per_sec"], rel=1e-12)
     assert "hf_torch_eager" in table
+
+
+def test_bench_times_the_step_train_compiles_for_loader_batches(shards):
+    """The synthetic batch has the loader's keys, dtypes and shapes (pretraining batches carry
+    float32 all-ones weights), so the step bench times is the HLO that train runs."""
+    from gpt2_jax.data import loader
+    from gpt2_jax.parallel import sharding
+    from gpt2_jax.train import steps
+    from gpt2_jax.train.plan import plan
+    from gpt2_jax.train.trainer import Trainer
+
+    c, _ = bench.parse_args([*TINY, "--config.grad_accum=2"])
+    p = plan(c, data=False)
+    real = next(loader.make_train_iterator(shards, block_size=p.block_size, global_batch_size=c.batch_size, seed=0))
+    synthetic = bench.synthetic_tokens(c, p, c.batch_size)
+    assert {k: (v.dtype, v.shape) for k, v in synthetic.items()} == {k: (v.dtype, v.shape) for k, v in real.items()}
+    assert (synthetic["weights"] == 1).all()
+    with sharding.use_mesh(p.mesh, p.rules):
+        trainer = Trainer(c, p)
+        theirs = loader.to_global_batch(steps.split_microbatches(real, c.grad_accum), trainer.train_batch_sharding)
+        ours = bench.train_batch(c, p, trainer)
+        assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype, x.sharding), ours) == \
+            jax.tree_util.tree_map(lambda x: (x.shape, x.dtype, x.sharding), theirs)  # fmt: skip
+        hlo = [trainer.train_fn.lower(trainer.abstract_state, b).as_text() for b in (ours, theirs)]
+    assert hlo[0] == hlo[1]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,9 +1,12 @@
-"""Checkpoints: round trip onto another mesh, skipping damaged steps, keep-N; the workdir lock."""
+"""Checkpoints: round trip onto another mesh, skipping damaged steps, keep-N, one written by the flat layout; the workdir lock."""
 
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -137,3 +140,39 @@ def test_the_same_error_from_every_checkpoint_is_named_once_with_both_readings(t
                               "(TypeError: the sharding on the input must be a NamedSharding). Move the folder away")  # fmt: skip
     assert message.endswith("can also mean a problem of this program or its settings rather than of the files")
     assert message.count("NamedSharding") == 1 and "\n" not in message
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "pre_restructure"
+FIXTURE_SETTINGS = {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2, "model.block_size": 16,
+                    "model.n_positions": 32, "model.vocab_pad_multiple": 1, "batch_size": 4, "total_steps": 2,
+                    "warmup_steps": 1, "checkpoint_every": 2, "keep_checkpoints": 1}  # fmt: skip
+
+
+def test_a_checkpoint_written_by_the_flat_layout_restores(tmp_path):
+    """tests/fixtures/pre_restructure was written by the code before the move into subpackages
+    (a micro model trained 2 steps): its parameters load bit for bit, and resuming it to step 4
+    gives the losses that the old code's own resume gave."""
+    from runs import cli
+
+    from gpt2_jax.interop.load import load_workdir
+
+    saved = np.load(FIXTURE / "params_step2.npz")
+    params = load_workdir(str(FIXTURE / "run")).params
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}  # fmt: skip
+    assert sorted(flat) == sorted(saved.files)
+    for name in saved.files:
+        assert np.array_equal(flat[name], saved[name]), name
+
+    expected = json.loads((FIXTURE / "resumed_to_4.json").read_text())
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE / "run", run)
+    settings = {**FIXTURE_SETTINGS, **expected["overrides"], "model.vocab_size": 512, "data.path": FIXTURE / "data",
+                "data.bundled": "", "eval_every": 0, "log_every": 1, "progress_bar": False, "sample.length": 0}
+    resumed = cli("--config", "configs/tiny.py", "--workdir", run, *(f"--config.{k}={v}" for k, v in settings.items()))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {run}/checkpoints/2" in resumed.stdout
+    losses = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r}  # fmt: skip
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert [losses[s] for s in (3, 4)] == pytest.approx([expected["losses"][s] for s in ("3", "4")], rel=1e-6)

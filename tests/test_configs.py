@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gpt2_jax.data.prepare import HEADER_WORDS, MAGIC, VERSION
+from gpt2_jax.data.shards import HEADER_WORDS, MAGIC, VERSION
 from gpt2_jax.train import cli as train
 from gpt2_jax.train import plan as plan_lib
 

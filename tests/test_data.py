@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from gpt2_jax.data import loader as data
 from gpt2_jax.data import prepare
+from gpt2_jax.data.shards import shard_header
 
 T = 16  # block_size
 SIZES = (1000, 777, 1500)  # tokens per shard: (n - 1) // T = 62 + 48 + 93 windows
@@ -23,7 +24,7 @@ N_WINDOWS = sum((n - 1) // T for n in SIZES)
 
 
 def write_shard(path, tokens, header=None):
-    header = prepare.shard_header(len(tokens)) if header is None else np.asarray(header, "<i4").tobytes()
+    header = shard_header(len(tokens)) if header is None else np.asarray(header, "<i4").tobytes()
     with open(path, "wb") as f:
         f.write(header + np.asarray(tokens, "<u2").tobytes())
 

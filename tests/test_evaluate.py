@@ -143,3 +143,12 @@ def test_user_errors(make, argv_tail, message, hf_dir, tmp_path, capsys):
     assert run(evaluate.main, ["--hf", hf_dir, *tail]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_summaries_line_that_is_not_json_is_one_error_line_naming_it(hf_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Hi", "completion": "there"}\n{oops\n')
+    assert run(evaluate.main, ["--hf", hf_dir, "--summaries", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {bad}:2: not valid JSON") and captured.err.count("\n") == 1, captured.err
+    assert captured.out == ""

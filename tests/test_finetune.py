@@ -11,9 +11,11 @@ import pytest
 from runs import load_config
 
 from gpt2_jax.cli import run
+from gpt2_jax.data import dialogues as synthetic
 from gpt2_jax.data import loader as data
-from gpt2_jax.data import prepare
-from gpt2_jax.data.pairs import COMPLETION, MASK_MAGIC, PROMPT, START
+from gpt2_jax.data import prepare, shards
+from gpt2_jax.data.pairs import read_pairs
+from gpt2_jax.data.shards import COMPLETION, MASK_MAGIC, PROMPT, START
 from gpt2_jax.infer import rouge as summarize
 from gpt2_jax.interop.tokenizer import EOT_ID, get_tokenizer
 from gpt2_jax.model import GPT2, GPT2Config, init_params
@@ -21,24 +23,24 @@ from gpt2_jax.tools import evaluate
 from gpt2_jax.train import cli as train
 from gpt2_jax.train import steps
 
-TEMPLATE = summarize.TEMPLATE
+TEMPLATE = synthetic.TEMPLATE
 
 
 def _prepare(tmp_path, rows, *extra, name="out"):
     src = tmp_path / f"{name}.jsonl"
-    summarize.write_jsonl(str(src), rows)
+    synthetic.write_jsonl(str(src), rows)
     argv = ["--input", str(src), "--out", str(tmp_path / name), "--completion_field", "summary", "--template",
             TEMPLATE, "--val_fraction", "0", "--workers", "1", *map(str, extra)]  # fmt: skip
     return prepare.main(argv), tmp_path / name
 
 
 def _shard(folder, split="train"):
-    tokens = data.load_shard(str(folder / f"{split}_000000.bin"))
-    return np.asarray(tokens), np.asarray(data.load_mask(str(folder / f"{split}_000000.mask"), len(tokens)))
+    tokens = shards.load_shard(str(folder / f"{split}_000000.bin"))
+    return np.asarray(tokens), np.asarray(shards.load_mask(str(folder / f"{split}_000000.mask"), len(tokens)))
 
 
 def test_each_example_is_eot_prompt_completion_eot_with_the_mask_exact_at_the_boundary(tmp_path, capsys):
-    rows = summarize.synthetic_dialogues(3, seed=5)
+    rows = synthetic.synthetic_dialogues(3, seed=5)
     assert _prepare(tmp_path, rows)[0] == 0
     tokens, mask = _shard(tmp_path / "out")
     enc = get_tokenizer()
@@ -56,7 +58,7 @@ def test_each_example_is_eot_prompt_completion_eot_with_the_mask_exact_at_the_bo
 
 def test_long_prompts_lose_their_start_and_too_long_completions_are_refused(tmp_path, capsys):
     long = {"dialogue": "A: " + "blah " * 200, "summary": "short summary."}
-    rc, out = _prepare(tmp_path, [long, *summarize.synthetic_dialogues(2)], "--block_size", 64)
+    rc, out = _prepare(tmp_path, [long, *synthetic.synthetic_dialogues(2)], "--block_size", 64)
     assert rc == 0 and "1 prompt(s) cut from the left to fit 64 tokens" in capsys.readouterr().out
     tokens, mask = _shard(out)
     first = tokens[: np.flatnonzero(mask == START)[1]]
@@ -71,7 +73,7 @@ def test_long_prompts_lose_their_start_and_too_long_completions_are_refused(tmp_
 @pytest.fixture(scope="module")
 def dialogues(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dialogues")
-    rc, out = _prepare(tmp, summarize.synthetic_dialogues(1200), "--block_size", 128, "--val_fraction", 0.05)
+    rc, out = _prepare(tmp, synthetic.synthetic_dialogues(1200), "--block_size", 128, "--val_fraction", 0.05)
     assert rc == 0
     return out
 
@@ -120,7 +122,7 @@ def test_fine_tuning_a_tiny_model_raises_rouge_well_above_its_start(dialogues, t
     with c.unlocked():
         c.eval_every, c.progress_bar, c.rouge.examples = 100, False, 16
     summary = train.train_and_evaluate(c, str(tmp_path / "run"))
-    rows = summarize.read_pairs(str(dialogues / "val_pairs.jsonl"))[:16]
+    rows = read_pairs(str(dialogues / "val_pairs.jsonl"))[:16]
     config = GPT2Config.from_preset("tiny", n_positions=128, vocab_pad_multiple=128)
     start, _ = summarize.rouge_eval(config, init_params(config, jax.random.key(0)), rows, 24)
     assert start["rouge1"] < 0.1
@@ -140,7 +142,7 @@ def test_fine_tuning_a_tiny_model_raises_rouge_well_above_its_start(dialogues, t
 def test_a_local_hf_dataset_prepares_like_its_jsonl(tmp_path, capsys):
     import datasets
 
-    rows = summarize.synthetic_dialogues(4, seed=2)
+    rows = synthetic.synthetic_dialogues(4, seed=2)
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     argv = ["--hf_dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "hf"), "--completion_field", "summary",
             "--template", TEMPLATE, "--val_fraction", "0"]  # fmt: skip
@@ -148,3 +150,24 @@ def test_a_local_hf_dataset_prepares_like_its_jsonl(tmp_path, capsys):
     assert _prepare(tmp_path, rows)[0] == 0
     for a, b in zip(_shard(tmp_path / "hf"), _shard(tmp_path / "out")):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_literal_endoftext_in_a_row_is_text_not_the_end_token(tmp_path, capsys):
+    # Pretraining encodes text as text (encode_ordinary); so must prompt/completion examples:
+    # only the leading and closing <|endoftext|> of each example are the token 50256.
+    rows = [{"prompt": "Ann: the file ends with <|endoftext|>, see?\nTL;DR:", "completion": " it ends <|endoftext|> there"},
+            {"prompt": "<|endoftext|>", "completion": "<|endoftext|>"}]  # fmt: skip
+    src = tmp_path / "rows.jsonl"
+    synthetic.write_jsonl(str(src), rows)
+    argv = ["--input", str(src), "--out", str(tmp_path / "out"), "--completion_field", "completion",
+            "--val_fraction", "0", "--workers", "1"]  # fmt: skip
+    assert prepare.main(argv) == 0
+    tokens, mask = _shard(tmp_path / "out")
+    starts = np.flatnonzero(mask == START)
+    assert len(starts) == 2
+    enc = get_tokenizer()
+    for row, a, b in zip(rows, starts, [*starts[1:], len(tokens)]):
+        example, n_prompt = tokens[a:b], int((mask[a:b] == PROMPT).sum())
+        assert (example == EOT_ID).sum() == 2 and example[0] == example[-1] == EOT_ID
+        assert enc.decode(example[1 : 1 + n_prompt].tolist()) == row["prompt"]
+        assert enc.decode(example[1 + n_prompt : -1].tolist()) == row["completion"]

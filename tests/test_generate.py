@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from compile_count import compilations
 from hf_reference import hf_model, save_folder
 
 from gpt2_jax.cli import run
@@ -64,6 +65,29 @@ def test_workdir_and_hf_side_by_side_agree_on_the_same_weights(hf_dir, workdir, 
     # same weights, same seed: the checkpoint and the HF folder give the same samples
     assert blocks[0].strip().splitlines()[1:] == blocks[1].strip().splitlines()[1:]
     assert blocks[0].count("--- sample") == 2
+
+
+def test_one_sampler_per_model_and_one_compilation_for_prompts_of_one_shape(hf_dir, workdir, monkeypatch, capsys):
+    made = []
+
+    def counting_sampler(*args, **kwargs):
+        made.append(args[0])
+        return Sampler(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "Sampler", counting_sampler)
+    prompts = ["One", "Two", "Three"]
+    assert [len(get_tokenizer().encode(p)) for p in prompts] == [1, 1, 1]  # one prefill shape
+    # settings no other test uses, so this run compiles its sampling steps once, here
+    argv = ["--hf", hf_dir, "--max_new_tokens", "5", "--temperature", "0.9", "--top_k", "17", "--num_samples", "2"]
+    with compilations() as compiled:
+        assert run(generate.main, [*argv, *(a for p in prompts for a in ("--prompt", p))]) == 0
+    assert [n for n in compiled if "prefill" in n or "decode" in n] == ["jit(_prefill)", "jit(_decode)"]
+    assert len(made) == 1
+    assert capsys.readouterr().out.count("--- sample 2 ---") == 3
+    made.clear()
+    assert run(generate.main, ["--hf", hf_dir, "--workdir", workdir, "--prompt", "a", "--prompt", "b",
+                               "--max_new_tokens", "2"]) == 0  # fmt: skip
+    assert len(made) == 2  # one per model, shared by both prompts
 
 
 def test_long_prompts_keep_their_end_with_a_warning():

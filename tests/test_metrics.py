@@ -7,16 +7,16 @@ import jax
 import pytest
 
 from gpt2_jax.model import GPT2Config
-from gpt2_jax.train import metrics
+from gpt2_jax.train import flops, metrics
 
 
 def test_flops_per_token_counts_matmuls_and_attention():
     gpt2 = GPT2Config.from_preset("gpt2")  # unpadded vocabulary
     matmul = 12 * 12 * 768**2 + 50257 * 768  # blocks' kernels + tied LM head
-    assert metrics.matmul_params(gpt2) == matmul == 123_532_032
-    assert metrics.flops_per_token(gpt2, 1024) == 6 * matmul + 12 * 12 * 768 * 1024
+    assert flops.matmul_params(gpt2) == matmul == 123_532_032
+    assert flops.flops_per_token(gpt2, 1024) == 6 * matmul + 12 * 12 * 768 * 1024
     padded = gpt2.replace(vocab_pad_multiple=128)  # the padded head is computed too
-    assert metrics.matmul_params(padded) - matmul == (50304 - 50257) * 768
+    assert flops.matmul_params(padded) - matmul == (50304 - 50257) * 768
 
 
 @pytest.mark.parametrize("kind, dtype, peak", [
@@ -34,20 +34,20 @@ def test_flops_per_token_counts_matmuls_and_attention():
     ("Some New Accelerator", "bfloat16", None),
 ])
 def test_device_peaks(kind, dtype, peak):
-    assert metrics.device_peak_flops(kind, dtype) == peak
+    assert flops.device_peak_flops(kind, dtype) == peak
 
 
 def test_cpu_devices_share_one_host_peak_and_the_override_wins():
     devices = jax.devices()  # 8 virtual CPU devices in one process
-    host = metrics.total_peak_flops(devices, "float32")
+    host = flops.total_peak_flops(devices, "float32")
     if host is not None:  # Linux: cores x clock x SIMD width
-        assert host == metrics.total_peak_flops(devices[:1], "float32")
-    assert metrics.total_peak_flops(devices, "float32", override_per_device=1e12) == 1e12
+        assert host == flops.total_peak_flops(devices[:1], "float32")
+    assert flops.total_peak_flops(devices, "float32", override_per_device=1e12) == 1e12
 
 
 def test_mfu_is_absent_without_a_peak():
-    assert metrics.mfu(1000.0, 1e9, None) is None
-    assert metrics.mfu(1000.0, 1e9, 4e12) == pytest.approx(0.25)
+    assert flops.mfu(1000.0, 1e9, None) is None
+    assert flops.mfu(1000.0, 1e9, 4e12) == pytest.approx(0.25)
 
 
 def test_writer_appends_rows_and_tensorboard_events(tmp_path):
@@ -78,8 +78,8 @@ def test_flops_per_token_of_gpt2_124m_matches_6n_plus_attention_within_1_percent
     # only matmul parameters (blocks' kernels + the tied head), so the two differ by < 1%.
     gpt2 = GPT2Config.from_preset("gpt2")
     formula = 6 * 124_439_808 + 12 * 12 * 1024 * 768
-    assert metrics.flops_per_token(gpt2, 1024) == pytest.approx(formula, rel=0.01)
-    assert metrics.flops_per_token(gpt2.replace(vocab_pad_multiple=128), 1024) == pytest.approx(formula, rel=0.01)
+    assert flops.flops_per_token(gpt2, 1024) == pytest.approx(formula, rel=0.01)
+    assert flops.flops_per_token(gpt2.replace(vocab_pad_multiple=128), 1024) == pytest.approx(formula, rel=0.01)
 
 
 def test_a_resumed_writer_drops_rows_logged_after_its_checkpoint(tmp_path):

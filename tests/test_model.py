@@ -221,6 +221,35 @@ def test_kv_cache_decoding_matches_the_full_forward(dtype):
     assert int(state["cache"]["h_0"]["attn"]["index"]) == 20
 
 
+def test_decoding_past_the_end_of_the_cache_is_an_error_never_wrong_logits():
+    """dynamic_update_slice clamps its index: a write past the end would overwrite the last
+    cached positions and give finite, wrong logits. Eagerly it raises; under jit every token of
+    the step that overflows (and of every step after it) gets NaN logits."""
+    config = _tiny()
+    params = init_params(config, jax.random.key(0))
+    tokens = jnp.asarray(_random_tokens((2, 10)))
+
+    def step(cache, t):
+        return GPT2(config).apply({"params": params, "cache": cache}, t, decode=True, mutable=["cache"])
+
+    jitted = jax.jit(step)
+    logits, full = jitted(init_cache(config, 2, max_length=8), tokens[:, :8])  # exactly fills the cache
+    assert np.isfinite(np.asarray(logits)).all()
+    logits, over = jitted(full["cache"], tokens[:, 8:9])  # one token past the end
+    assert np.isnan(np.asarray(logits)).all()
+    logits, _ = jitted(over["cache"], tokens[:, 9:10])  # and it stays an error
+    assert np.isnan(np.asarray(logits)).all()
+    _, part = jitted(init_cache(config, 2, max_length=8), tokens[:, :6])
+    logits, _ = jitted(part["cache"], tokens[:, 6:9])  # 2 of 3 fit: the whole step is refused
+    assert np.isnan(np.asarray(logits)).all()
+    with pytest.raises(ValueError, match="past the end of the 8-position KV cache"):
+        step(full["cache"], tokens[:, 8:9])  # concrete index: a plain error
+    with pytest.raises(ValueError, match="9 tokens do not fit the 8-position KV cache"):
+        jitted(init_cache(config, 2, max_length=8), tokens[:, :9])  # known while tracing
+    with pytest.raises(ValueError, match="between 1 and the 128 positions"):
+        init_cache(config, 2, max_length=129)
+
+
 # --- the chunked loss: same loss and gradients as the full logits, less memory ------------------
 
 

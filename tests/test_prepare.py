@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2_jax.data import prepare
+from gpt2_jax.data import prepare, pretraining, shards
 from gpt2_jax.interop.tokenizer import EOT_ID, get_tokenizer
 
 UNICODE_DOCS = [
@@ -82,7 +82,7 @@ def test_header_is_llm_c_format_byte_for_byte(tmp_path, capsys):
     raw = (tmp_path / "out" / "train_000000.bin").read_bytes()
     assert raw[:1024] == struct.pack("<256i", 20240520, 1, 3, *[0] * 253)
     assert raw[1024:] == struct.pack("<3H", 50256, 15496, 995)  # <|endoftext|> Hello world
-    assert prepare.shard_header(3) == raw[:1024]
+    assert shards.shard_header(3) == raw[:1024]
 
 
 def test_shard_size_fills_shards_exactly(tmp_path, capsys):
@@ -108,7 +108,7 @@ def test_val_split_is_deterministic_disjoint_and_order_free(tmp_path, capsys):
         assert rc == 0, err
     train, val = docs_of(split_tokens(tmp_path / "out1", "train")), docs_of(split_tokens(tmp_path / "out1", "val"))
     assert not set(train) & set(val) and sorted(train + val) == sorted(lines)
-    assert set(val) == {d for d in lines if prepare.is_val(d, 0.2)}
+    assert set(val) == {d for d in lines if pretraining.is_val(d, 0.2)}
     assert 40 <= len(val) <= 120  # 20% of 400, loosely
     for split in ("train", "val"):
         assert (tmp_path / "out1" / f"{split}_000000.bin").read_bytes() == (tmp_path / "out2" / f"{split}_000000.bin").read_bytes()
@@ -116,7 +116,7 @@ def test_val_split_is_deterministic_disjoint_and_order_free(tmp_path, capsys):
 
 
 def test_one_and_four_workers_write_identical_files(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 2000)  # many tasks, so the pool interleaves them
+    monkeypatch.setattr(pretraining, "CHUNK_BYTES", 2000)  # many tasks, so the pool interleaves them
     (tmp_path / "in").mkdir()
     write_files(tmp_path / "in", [UNICODE_DOCS[i % 4] * (i + 1) + f" #{i}" for i in range(40)])
     for workers in (1, 4):
@@ -180,6 +180,21 @@ def test_overwrite_replaces_only_a_prepare_output(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "--input", tmp_path / "a.txt", "--out", tmp_path / "mine", "--overwrite")
     assert rc == 2 and "no meta.json" in err and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt", "mine", "out"]  # no temporary folders left
+
+
+def test_atomic_folder_leaves_nothing_on_ctrl_c_and_replaces_out_at_the_end(tmp_path):
+    out = tmp_path / "new" / "parents" / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with shards.atomic_folder(str(out)) as tmp:
+            (tmp_path / "new" / "parents" / os.path.basename(tmp) / "half.bin").write_bytes(b"x")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []  # the parent folders it made are gone too
+    for text in ("first", "second"):  # a trailing slash on --out names the same folder
+        with shards.atomic_folder(f"{out}/", overwrite=True) as tmp:
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                f.write(text)
+    assert os.listdir(out) == ["meta.json"] and (out / "meta.json").read_text() == "second"
+    assert os.listdir(out.parent) == ["out"]  # no temporary or old folders beside it
 
 
 def _bad_inputs(tmp_path):

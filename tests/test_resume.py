@@ -16,7 +16,7 @@ from gpt2_jax.interop.checkpoint import Checkpoints
 from gpt2_jax.interop.load import load_workdir
 from gpt2_jax.parallel import sharding
 from gpt2_jax.train import cli as train
-from gpt2_jax.train import faults
+from gpt2_jax.train import faults, optim
 from gpt2_jax.train import plan as plan_lib
 from gpt2_jax.train.lock import WorkdirLock
 from gpt2_jax.train.preemption import StopRequest
@@ -183,6 +183,18 @@ def test_max_bad_steps_skips_non_finite_updates(shards, baseline, tmp_path, monk
     got, want = _losses_by_step(tmp_path), _losses_by_step(baseline)
     assert [got[s] for s in range(1, 7)] == pytest.approx([want[s] for s in range(1, 7)], rel=2e-5)
     assert got[7] != pytest.approx(want[7], rel=1e-4)  # step 6's update was left out
+
+
+def test_the_logged_lr_is_the_one_applied_after_a_skipped_step(shards, baseline, tmp_path, monkeypatch):
+    """The optimizer's schedule does not advance on a left-out update, so after step 6 is
+    skipped step 7 applies step 6's learning rate (and so on): the rows say so."""
+    monkeypatch.setitem(faults._FAULTS, "nan_update_at", {6})
+    assert train.main(["train", *_args(shards, tmp_path, max_bad_steps=1, warmup_steps=10)]) == 0
+    lr = {r["step"]: r["lr"] for r in rows(tmp_path)[0]}
+    schedule = optim.lr_schedule(3e-3, 12, 10, 0.1)  # configs/tiny.py's lr, this run's steps and warmup
+    applied = [float(schedule(n)) for n in [*range(0, 6), *range(5, 11)]]  # update counts 0..5, then 5..10
+    assert applied[6] != pytest.approx(float(schedule(6)))  # in warmup a wrong count shows
+    assert [lr[s] for s in range(1, 13)] == pytest.approx(applied, rel=1e-6)
 
 
 def test_a_second_trainer_on_the_same_workdir_is_refused(shards, tmp_path, capsys):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_count import compilations
 
 from gpt2_jax.infer.sampling import Sampler, SamplingConfig, sample_next
 from gpt2_jax.interop.tokenizer import EOT_ID
@@ -107,6 +108,39 @@ def test_lengths_beyond_the_context_are_refused():
         sampler.generate(_prompt(length=2), 48, jax.random.key(0))
     with pytest.raises(ValueError, match="exceed the 48-token context"):
         sampler.generate(_prompt(length=40), 9, jax.random.key(0))
+
+
+def test_a_new_sampler_with_the_same_settings_and_shapes_compiles_nothing():
+    config, params = _model()
+    prompt = _prompt()
+    sampling = SamplingConfig(temperature=0.7, top_k=5)  # used only here: the first sampler compiles
+    first = Sampler(config, params, sampling).generate(prompt, 6, jax.random.key(0))
+    other = jax.tree_util.tree_map(lambda x: -x, params)  # other values, same shapes (params are traced)
+    with compilations() as compiled:
+        again = Sampler(config, params, sampling).generate(prompt, 6, jax.random.key(0))
+        Sampler(config, other, sampling).generate(prompt, 6, jax.random.key(0))
+    assert compiled == []
+    assert again == first
+    # the compiled steps are keyed on the settings: other settings compile their own (so the
+    # count above can see a compilation)
+    with compilations() as compiled:
+        Sampler(config, params, SamplingConfig(temperature=0.7, top_k=6)).generate(prompt, 6, jax.random.key(0))
+    assert any("prefill" in name for name in compiled) and any("decode" in name for name in compiled)
+
+
+def test_a_second_rouge_eval_compiles_nothing():
+    """rouge_eval runs at every evaluation during training, with new params of the same shapes."""
+    pytest.importorskip("rouge_score")
+    from gpt2_jax.infer.rouge import rouge_eval
+
+    config, params = _model()
+    rows = [{"prompt": "Anna: Hi Ben! Lunch on Monday?", "completion": " Anna asks Ben to lunch."},
+            {"prompt": "Ben: Sure.", "completion": " Ben agrees."}]  # fmt: skip
+    rouge_eval(config, params, rows, max_new_tokens=5)
+    trained = jax.tree_util.tree_map(lambda x: 0.9 * x, params)
+    with compilations() as compiled:
+        rouge_eval(config, trained, rows, max_new_tokens=5)
+    assert compiled == []
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])

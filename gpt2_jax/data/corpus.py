@@ -18,14 +18,14 @@ import tarfile
 from importlib import resources
 from typing import Iterator
 
-from gpt2_jax.data import prepare
+from gpt2_jax.data import pretraining, shards
 
 ASSET = "shakespeare.tar.xz"
 # Whole works go to validation by the hash of their text: 0.16 holds out 4 plays and 3 poems
 # (Taming of the Shrew, Henry VI Part 3, Much Ado, Two Gentlemen of Verona, Lover's Complaint,
 # Passionate Pilgrim, Rape of Lucrece): 184,175 of 1,566,001 tokens (11.8%).
 VAL_FRACTION = 0.16
-SHARD_SIZE = prepare.DEFAULT_SHARD_SIZE
+SHARD_SIZE = shards.DEFAULT_SHARD_SIZE
 
 
 def cache_root() -> str:
@@ -56,7 +56,7 @@ def _is_ready(out: str, source: dict) -> bool:
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    return meta.get("source") == source and meta.get("meta_version") == prepare.META_VERSION
+    return meta.get("source") == source and meta.get("meta_version") == shards.META_VERSION
 
 
 @contextlib.contextmanager
@@ -80,8 +80,8 @@ def shakespeare_path(workers: int = 1) -> str:
     os.makedirs(cache_root(), exist_ok=True)
     with _locked(out + ".lock"):
         if not _is_ready(out, source):
-            settings = prepare.Settings(val_fraction=VAL_FRACTION)
-            chunks = prepare.chunked(documents(asset))
-            prepare.write_dataset(chunks, out, settings=settings, source=source, shard_size=SHARD_SIZE,
-                                  workers=workers, overwrite=True)  # fmt: skip
+            settings = pretraining.Settings(val_fraction=VAL_FRACTION)
+            chunks = pretraining.chunked(documents(asset))
+            pretraining.write_dataset(chunks, out, settings=settings, source=source, shard_size=SHARD_SIZE,
+                                   workers=workers, overwrite=True)  # fmt: skip
     return out

@@ -8,7 +8,7 @@ batch k = stream[k * G : (k + 1) * G]; host p of P reads rows [p * G/P, (p + 1) 
 the global batch does not depend on the number of hosts, and the iterator state is one number
 (the next global batch) plus what the order depends on; it is the same on every host.
 
-Prompt/completion data (shards with .mask files, see gpt2_jax/data/pairs.py) is read as one example
+Prompt/completion data (shards with .mask files, see gpt2_jax/data/shards.py) is read as one example
 per row instead of windows, padded, with weights 1 only on completion targets; pretraining
 batches carry all-ones weights, so the trainer takes one path for both.
 
@@ -22,58 +22,29 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
 from typing import NamedTuple
 
 import grain
 import jax
 import numpy as np
 
-from gpt2_jax.data.prepare import HEADER_BYTES, MAGIC, VERSION
-from gpt2_jax.errors import UserError
+# DataError, load_shard, load_mask and shard_files live in the shard layer; callers may reach them here too
+from gpt2_jax.data.shards import (
+    COMPLETION,
+    START,
+    DataError,
+    load_mask,
+    load_shard,
+    mask_file,
+    shard_files,
+)
 from gpt2_jax.interop.tokenizer import EOT_ID, VOCAB_SIZE
 
 NUM_THREADS = 2  # threads reading batches ahead of the training step
 PREFETCH_BATCHES = 4  # host batches kept ready
 
 
-class DataError(UserError, ValueError):
-    """A problem with the token shards or the batch layout that the user can fix."""
-
-
-# --- shards and windows ---------------------------------------------------------------------
-
-
-def shard_files(path: str, split: str) -> list[str]:
-    """Sorted `[prefix_]<split>_<digits>.bin` files in path (ours: train_000000.bin; llm.c's and
-    modded-nanogpt's: fineweb_train_000001.bin)."""
-    if not os.path.isdir(path):
-        raise DataError(f"data path {path} is not a folder; make one with python -m gpt2_jax.prepare")
-    pattern = re.compile(rf"^(?:.*_)?{re.escape(split)}_\d+\.bin$")
-    files = sorted(f for f in os.listdir(path) if pattern.match(f))
-    if not files:
-        raise DataError(f"no {split} shards ({split}_*.bin) in {path}; make them with python -m gpt2_jax.prepare")
-    return [os.path.join(path, f) for f in files]
-
-
-def load_shard(file: str) -> np.ndarray:
-    """Checks the llm.c header and memory-maps the shard's uint16 tokens."""
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        raw = f.read(HEADER_BYTES)
-    if len(raw) < HEADER_BYTES:
-        raise DataError(f"{file}: {size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
-    header = np.frombuffer(raw, dtype="<i4")
-    if header[0] != MAGIC:
-        raise DataError(f"{file}: not a token shard (magic number {header[0]}, expected {MAGIC})")
-    if header[1] != VERSION:
-        raise DataError(f"{file}: shard version {header[1]}; only version {VERSION} (uint16 GPT-2 tokens) is supported")
-    n, have = int(header[2]), (size - HEADER_BYTES) // 2
-    if not 0 <= n <= have:
-        raise DataError(f"{file}: truncated: its header says {n:,} tokens but the file holds {have:,}")
-    if n == 0:
-        return np.zeros(0, dtype="<u2")
-    return np.memmap(file, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+# --- windows --------------------------------------------------------------------------------
 
 
 class Windows:
@@ -126,17 +97,6 @@ class Windows:
         return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones(tokens[:, 1:].shape, np.float32)}
 
 
-def load_mask(file: str, n_tokens: int) -> np.ndarray:
-    """The uint8 loss mask beside a token shard (gpt2_jax/data/pairs.py), checked against it."""
-    from gpt2_jax.data.pairs import MASK_MAGIC
-
-    with open(file, "rb") as f:
-        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
-    if len(header) < 3 or header[0] != MASK_MAGIC or header[2] != n_tokens:
-        raise DataError(f"{file}: not the loss mask of its {n_tokens:,}-token shard; re-run prepare")
-    return np.memmap(file, dtype=np.uint8, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
-
-
 class Examples:
     """Random access to the prompt/completion examples of one split (shards with .mask files):
     one example per row, padded after its end, weights 1 only on completion targets. Padding
@@ -144,11 +104,9 @@ class Examples:
     nothing leaks between them; short fine-tuning examples waste some compute on padding."""
 
     def __init__(self, path: str, split: str, block_size: int, vocab_size: int = VOCAB_SIZE):
-        from gpt2_jax.data.pairs import START
-
         self.files = shard_files(path, split)
         self.shards = [load_shard(f) for f in self.files]
-        self.masks = [load_mask(f[: -len(".bin")] + ".mask", len(s)) for f, s in zip(self.files, self.shards)]
+        self.masks = [load_mask(mask_file(f), len(s)) for f, s in zip(self.files, self.shards)]
         self.block_size, self.vocab_size = block_size, vocab_size
         starts = [np.flatnonzero(np.asarray(m) == START) for m in self.masks]
         self.spans = np.array([(i, a, b) for i, (st, s) in enumerate(zip(starts, self.shards))
@@ -162,8 +120,6 @@ class Examples:
     def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Each example's last block_size + 1 tokens (a longer prompt loses its start), then
         <|endoftext|> padding with weight 0."""
-        from gpt2_jax.data.pairs import COMPLETION
-
         T = self.block_size
         tokens = np.full((len(ids), T + 1), EOT_ID, dtype=np.int32)
         counted = np.zeros((len(ids), T + 1), dtype=np.float32)
@@ -179,7 +135,7 @@ class Examples:
 
 def has_masks(path: str, split: str) -> bool:
     """True for prompt/completion data (prepare --completion_field): .mask files beside the shards."""
-    return all(os.path.exists(f[: -len(".bin")] + ".mask") for f in shard_files(path, split))
+    return all(os.path.exists(mask_file(f)) for f in shard_files(path, split))
 
 
 def open_split(path: str, split: str, block_size: int, vocab_size: int = VOCAB_SIZE) -> Windows | Examples:

@@ -1,29 +1,29 @@
 """Prompt/completion examples -> token shards with a per-token loss mask (prepare's fine-tuning mode).
 
-Each example is <|endoftext|> + prompt + completion + <|endoftext|>. Beside every llm.c token
-shard `<split>_NNNNNN.bin` goes `<split>_NNNNNN.mask`: the same 256-int32 header with magic
-MASK_MAGIC, then one uint8 per token: 2 on the <|endoftext|> that starts an example, 0 on prompt
-tokens, 1 on completion tokens and the closing <|endoftext|> (the tokens the loss is taken on).
-Shards split only between examples. The token shards stay llm.c-compatible.
+Each example is <|endoftext|> + prompt + completion + <|endoftext|>, the texts encoded as plain
+text (a literal "<|endoftext|>" in them is text, as in pretraining). Beside every llm.c token
+shard `<split>_NNNNNN.bin` goes `<split>_NNNNNN.mask` (format: gpt2_jax/data/shards.py): START
+on the <|endoftext|> that begins an example, PROMPT on prompt tokens, COMPLETION on completion
+tokens and the closing <|endoftext|> (the tokens the loss is taken on). Shards split only
+between examples. The token shards stay llm.c-compatible. The held-out examples also go to
+val_pairs.jsonl, which read_pairs reads back for ROUGE.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import string
-import tempfile
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
-from gpt2_jax.data import prepare
+from gpt2_jax.data import documents, shards
+from gpt2_jax.data.pretraining import is_val
+from gpt2_jax.data.shards import COMPLETION, MASK_MAGIC, PROMPT, START
 from gpt2_jax.errors import UserError
 from gpt2_jax.interop.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
 
-MASK_MAGIC = 20240521
-START, PROMPT, COMPLETION = 2, 0, 1
 FORMAT = ("prompt/completion examples: llm.c token shards <split>_NNNNNN.bin, each example "
           "<|endoftext|> prompt completion <|endoftext|>; beside each, <split>_NNNNNN.mask: 256 int32 header "
           f"words [{MASK_MAGIC}, 1, n_tokens, 0, ...], then n_tokens uint8: {START} = an example's first "
@@ -35,12 +35,6 @@ class Pair(NamedTuple):
     where: str  # file:line or dataset[i], for messages
     prompt: str
     completion: str
-
-
-def mask_header(n_tokens: int) -> bytes:
-    header = np.zeros(prepare.HEADER_WORDS, dtype="<i4")
-    header[:3] = MASK_MAGIC, 1, n_tokens
-    return header.tobytes()
 
 
 def template_fields(template: str) -> list[str]:
@@ -62,25 +56,14 @@ def make_pair(where: str, row: dict, prompt_field: str, completion_field: str, t
     return Pair(where, prompt, row[completion_field])
 
 
-def jsonl_rows(files: list[str]) -> Iterator[tuple[str, dict]]:
-    for path in files:
-        with prepare._open(path) as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise UserError(f"{path}:{n} is not JSON") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{n} is not a JSON object")
-                yield f"{path}:{n}", row
-
-
-def hf_rows(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
-    ds = prepare._load_hf(name, config, split)
-    for i, row in enumerate(ds):
-        yield f"{name}[{i}]", row
+def read_pairs(path: str, prompt_field: str = "prompt", completion_field: str = "completion",
+               template: str | None = None) -> list[dict]:  # fmt: skip
+    """{"prompt", "completion"} rows of a jsonl file (prepare writes DIR/val_pairs.jsonl); with
+    `template`, the prompt is the template filled from each row's fields."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist")
+    return [make_pair(where, row, prompt_field, completion_field, template)._asdict()
+            for where, row in documents.jsonl_rows([path])]  # fmt: skip
 
 
 class Encoded(NamedTuple):
@@ -93,8 +76,8 @@ def encode(pair: Pair, block_size: int) -> Encoded:
     """Tokens and mask of one example, at most block_size + 1 tokens (one training window): a
     longer prompt loses tokens from its start; a completion that cannot fit is an error."""
     enc = get_tokenizer()
-    prompt = enc.encode(pair.prompt, allowed_special="all")
-    completion = enc.encode(pair.completion, allowed_special="all") + [EOT_ID]
+    prompt = enc.encode_ordinary(pair.prompt)  # text is text: a literal "<|endoftext|>" is not the EOT token
+    completion = enc.encode_ordinary(pair.completion) + [EOT_ID]
     room = block_size + 1 - 1 - len(completion)  # the leading <|endoftext|> takes one place
     if room < 0:
         raise UserError(f"{pair.where}: the completion alone ({len(completion)} tokens with its end token) does "
@@ -135,10 +118,8 @@ class PairWriter:
         name = f"{self.split}_{len(self.files):06d}"
         tokens = np.concatenate([p.tokens for p in self._parts])
         mask = np.concatenate([p.mask for p in self._parts])
-        with open(os.path.join(self.folder, name + ".bin"), "wb") as f:
-            f.write(prepare.shard_header(len(tokens)) + tokens.tobytes())
-        with open(os.path.join(self.folder, name + ".mask"), "wb") as f:
-            f.write(mask_header(len(mask)) + mask.tobytes())
+        shards.write_shard(os.path.join(self.folder, name + ".bin"), tokens)
+        shards.write_mask(os.path.join(self.folder, name + ".mask"), mask)
         self.files.append(name + ".bin")
         self._parts, self._in_shard = [], 0
 
@@ -151,27 +132,18 @@ def write_pairs(pairs: Iterable[Pair], out: str, *, block_size: int, val_fractio
                 source: dict, overwrite: bool = False) -> dict:  # fmt: skip
     """Shards + masks + meta.json + val_pairs.jsonl (the held-out prompts and completions, for
     ROUGE) in a temporary folder renamed to `out` at the end. Returns the meta dict."""
-    prepare.check_out(out, overwrite)
-    created = prepare._make_parent(out)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(os.path.abspath(out)))
-    try:
-        os.chmod(tmp, 0o777 & ~prepare._umask())
+    with shards.atomic_folder(out, overwrite) as tmp:
         writers = {s: PairWriter(tmp, s, shard_size) for s in ("train", "val")}
         for pair in pairs:
-            split = "val" if prepare.is_val(pair.prompt + "\0" + pair.completion, val_fraction) else "train"
+            split = "val" if is_val(pair.prompt + "\0" + pair.completion, val_fraction) else "train"
             writers[split].add(pair, encode(pair, block_size))
         for w in writers.values():
             w.close()
         meta = _meta(writers, block_size, val_fraction, shard_size, source)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
         with open(os.path.join(tmp, "val_pairs.jsonl"), "w") as f:
             for p in writers["val"].pairs:
                 f.write(json.dumps({"prompt": p.prompt, "completion": p.completion}) + "\n")
-        prepare._move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(created or tmp, ignore_errors=True)
-        raise
+        shards.write_meta(tmp, meta)
     return meta
 
 
@@ -184,7 +156,7 @@ def _meta(writers: dict, block_size: int, val_fraction: float, shard_size: int, 
     from gpt2_jax import __version__
 
     return {
-        "format": FORMAT, "meta_version": prepare.META_VERSION, "loss_mask": True, "tokenizer": "gpt2",
+        "format": FORMAT, "meta_version": shards.META_VERSION, "loss_mask": True, "tokenizer": "gpt2",
         "vocab_size": VOCAB_SIZE, "eot_token": EOT_ID, "block_size": block_size, "shard_size": shard_size,
         "val_fraction": val_fraction, "source": source, "train": train, "val": val,
         "prepared_by": f"gpt2_jax {__version__}",

@@ -95,11 +95,9 @@ def encode_prompt(text: str, context: int, max_new_tokens: int) -> list[int]:
     return tokens
 
 
-def complete(model: LoadedModel, tokens: list[int], args, stream: bool) -> list[str]:
-    """`args.num_samples` completions (text after the prompt) of prompt `tokens` from `model`."""
+def complete(sampler: Sampler, tokens: list[int], args, stream: bool) -> list[str]:
+    """`args.num_samples` completions (text after the prompt) of prompt `tokens` from `sampler`'s model."""
     enc = get_tokenizer()
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    sampler = Sampler(model.config, model.params, sampling)
     batch = np.tile(np.asarray(tokens, np.int32), (args.num_samples, 1))
     rng = jax.random.key(args.seed)
     stop = not args.continue_after_eot
@@ -116,10 +114,11 @@ def complete(model: LoadedModel, tokens: list[int], args, stream: bool) -> list[
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        SamplingConfig(args.temperature, args.top_k, args.top_p)
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         raise UserError(str(e)) from None
     models = [load(kind, path, args.step if kind == "workdir" else None, args.dtype) for kind, path in args.sources]
+    samplers = [Sampler(m.config, m.params, sampling) for m in models]  # one per model, shared by the prompts
     # every prompt is checked against every model's context before anything is printed
     tokens = {(i, p): encode_prompt(p, m.config.n_positions, args.max_new_tokens) for i, m in enumerate(models) for p in args.prompts}
     stream = len(models) == 1 and len(args.prompts) == 1 and args.num_samples == 1 and sys.stdout.isatty()
@@ -129,10 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(header)
             if stream:
                 sys.stdout.write(prompt)
-                complete(model, tokens[i, prompt], args, stream=True)
+                complete(samplers[i], tokens[i, prompt], args, stream=True)
                 print()
                 continue
-            for n, text in enumerate(complete(model, tokens[i, prompt], args, stream=False)):
+            for n, text in enumerate(complete(samplers[i], tokens[i, prompt], args, stream=False)):
                 if args.num_samples > 1:
                     print(f"--- sample {n + 1} ---")
                 print(prompt + text)

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 from typing import Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,26 +53,17 @@ def sample_next(logits, rng, sampling: SamplingConfig):
 
 
 class Sampler:
-    """Compiles a prefill and a one-token decode step for a model. The cache holds prompt +
+    """Greedy or sampled continuations of prompts, with a KV cache. The cache holds prompt +
     max_new_tokens rounded up to a multiple of CACHE_MULTIPLE (at most n_positions): each
     decode step reads the whole cache, so a short generation should not pay for the full
-    context, and lengths in one bucket share one compiled decode step."""
+    context, and lengths in one bucket share one compiled decode step.
+
+    The prefill and decode steps are compiled once per process for each (model config,
+    sampling settings, logical-axis rules, shapes), not per Sampler: a new Sampler, or new
+    `params` of the same shapes (the trainer sets them at every sample), compiles nothing."""
 
     def __init__(self, config: GPT2Config, params, sampling: SamplingConfig = SamplingConfig()):
         self.config, self.params, self.sampling = config, params, sampling
-        self._model = GPT2(config)
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def _prefill(self, params, cache, prompt, rng):
-        logits, state = self._model.apply({"params": params, "cache": cache}, prompt, decode=True, mutable=["cache"])
-        return sample_next(logits[:, -1], rng, self.sampling), state["cache"]
-
-    @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-    def _decode(self, params, cache, token, rng):
-        logits, state = self._model.apply(
-            {"params": params, "cache": cache}, token[:, None], decode=True, mutable=["cache"]
-        )
-        return sample_next(logits[:, -1], rng, self.sampling), state["cache"]
 
     def check_length(self, prompt_length: int, max_new_tokens: int) -> None:
         limit = self.config.n_positions
@@ -90,7 +82,8 @@ class Sampler:
         self.check_length(prompt.shape[1], max_new_tokens)
         cache = init_cache(self.config, prompt.shape[0], cache_length(self.config, prompt.shape[1] + max_new_tokens))
         keys = jax.random.split(rng, max_new_tokens)
-        token, cache = self._prefill(self.params, cache, jnp.asarray(prompt), keys[0])
+        static = {"config": self.config, "sampling": self.sampling, "rules": _current_rules()}
+        token, cache = _prefill(self.params, cache, jnp.asarray(prompt), keys[0], **static)
         done = np.zeros(prompt.shape[0], bool)
         for i in range(max_new_tokens):
             host = np.asarray(token)
@@ -98,7 +91,7 @@ class Sampler:
             done |= host == EOT_ID
             if (stop_at_eot and done.all()) or i + 1 == max_new_tokens:
                 return
-            token, cache = self._decode(self.params, cache, token, keys[i + 1])
+            token, cache = _decode(self.params, cache, token, keys[i + 1], **static)
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int, rng, stop_at_eot: bool = True) -> list[list[int]]:
         """New tokens for each row of `prompt` (B, T0), cut after the first <|endoftext|>
@@ -106,6 +99,35 @@ class Sampler:
         steps = list(self.stream(prompt, max_new_tokens, rng, stop_at_eot))
         rows = np.stack(steps, axis=1).tolist() if steps else [[] for _ in range(len(prompt))]
         return [_cut_at_eot(r) if stop_at_eot else r for r in rows]
+
+
+# Module-level, with the settings as static arguments (GPT2Config and SamplingConfig are frozen,
+# hashable dataclasses): jit's cache then keys on what the computation depends on. Flax's
+# logical-axis rules are read while tracing but are not part of jit's key, so they are passed too.
+_STATIC = ("config", "sampling", "rules")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _prefill(params, cache, prompt, rng, *, config: GPT2Config, sampling: SamplingConfig, rules: tuple):
+    """Run the prompt (B, T0) through the model into the cache; sample the first new token."""
+    with nn.logical_axis_rules(rules):
+        logits, state = GPT2(config).apply({"params": params, "cache": cache}, prompt, decode=True, mutable=["cache"])
+    return sample_next(logits[:, -1], rng, sampling), state["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames="cache")
+def _decode(params, cache, token, rng, *, config: GPT2Config, sampling: SamplingConfig, rules: tuple):
+    """Feed the last token (B,) through the cache; sample the next one."""
+    with nn.logical_axis_rules(rules):
+        logits, state = GPT2(config).apply(
+            {"params": params, "cache": cache}, token[:, None], decode=True, mutable=["cache"]
+        )
+    return sample_next(logits[:, -1], rng, sampling), state["cache"]
+
+
+def _current_rules() -> tuple:
+    """The current logical-axis rules, hashable (a rule's mesh axes may be given as a list)."""
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in nn.get_logical_axis_rules())
 
 
 CACHE_MULTIPLE = 128

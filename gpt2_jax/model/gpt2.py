@@ -131,19 +131,34 @@ class Attention(nn.Module):
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
     def _cached_attention(self, q, k, v):
-        # The cache's length is fixed when it is created (see `init_cache`); T new tokens are
+        # The cache's length L is fixed when it is created (see `init_cache`); T new tokens are
         # written at `index` and attend to every cached position up to their own.
         B, T, H, Dh = q.shape
         cached_k = self.variable("cache", "key", jnp.zeros, (B, T, H, Dh), k.dtype)
         cached_v = self.variable("cache", "value", jnp.zeros, (B, T, H, Dh), v.dtype)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        i = index.value
+        i, L = index.value, cached_k.value.shape[1]
+        _check_cache_room(i, T, L)
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
         index.value = i + T
-        L = cached_k.value.shape[1]
         mask = jnp.arange(L)[None, :] <= (i + jnp.arange(T))[:, None]  # (T, L)
-        return jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask[None, None])
+        y = jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask[None, None])
+        # A write past the end is clamped by dynamic_update_slice onto the last cached positions,
+        # which would give finite, wrong outputs. Under jit the index is not known on the host, so
+        # a step that does not fit gets NaN outputs, all of them, as does every step after it (the
+        # index only grows): an overflow can never pass for logits.
+        return jnp.where(i + T > L, jnp.nan, y)
+
+
+def _check_cache_room(index, tokens: int, length: int) -> None:
+    """Raise where an overflow of the KV cache is known on the host: more new tokens than the cache
+    holds (shapes are static), or a concrete index (the module applied outside jit)."""
+    if tokens > length:
+        raise ValueError(f"{tokens} tokens do not fit the {length}-position KV cache; make a longer one with init_cache")
+    if not isinstance(index, jax.core.Tracer) and int(index) + tokens > length:
+        raise ValueError(f"decoding {tokens} token(s) at position {int(index)} goes past the end of the "
+                         f"{length}-position KV cache; make a longer one with init_cache")  # fmt: skip
 
 
 class MLP(nn.Module):
@@ -179,7 +194,8 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
     """GPT-2 language model: int32 tokens (B, T) -> float32 logits (B, T, padded_vocab_size).
-    `decode=True` continues from the KV cache in the mutable 'cache' collection (see init_cache).
+    `decode=True` continues from the KV cache in the mutable 'cache' collection (see init_cache);
+    tokens past the cache's end are an error (ValueError, or NaN logits under jit: see Attention).
     `return_hidden=True` stops before the LM head: the final hidden states (B, T, D) after ln_f,
     in the compute dtype (the chunked loss applies the head itself, a piece at a time)."""
 

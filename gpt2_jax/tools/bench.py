@@ -69,13 +69,27 @@ def _torch_modules():
 
 
 def synthetic_tokens(c, p, rows: int) -> dict:
-    """`rows` random windows of block_size + 1 uint16 tokens -> int32 inputs / targets, as the
-    data pipeline makes them."""
+    """`rows` random windows of block_size + 1 uint16 tokens -> int32 inputs / targets and float32
+    all-ones weights: the keys, dtypes and shapes of the data pipeline's pretraining batches
+    (gpt2_jax.data.loader), so the step timed is the one train compiles."""
     import numpy as np
 
     tokens = np.random.default_rng(c.seed).integers(0, p.model.vocab_size, (rows, p.block_size + 1), dtype=np.uint16)
     tokens = tokens.astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((rows, p.block_size), np.float32)}
+
+
+def train_batch(c, p, trainer) -> dict:
+    """This process's rows of a synthetic global batch, split into microbatches and placed as
+    train places the loader's batches (call inside sharding.use_mesh)."""
+    from gpt2_jax.data import loader as data_lib
+    from gpt2_jax.parallel import sharding
+    from gpt2_jax.train import steps
+
+    shape = (c.grad_accum, c.batch_size // c.grad_accum, p.block_size)
+    _, count = sharding.process_batch_slice(trainer.train_batch_sharding, shape, batch_dim=1)
+    host = synthetic_tokens(c, p, c.batch_size // count)
+    return data_lib.to_global_batch(steps.split_microbatches(host, c.grad_accum), trainer.train_batch_sharding)
 
 
 def _peak_memory(devices) -> int | None:
@@ -88,18 +102,13 @@ def time_jax(c, p, steps_: int, warmup: int, profile_dir: str | None = None) -> 
     trace one more step there."""
     import jax
 
-    from gpt2_jax.data import loader as data_lib
     from gpt2_jax.parallel import sharding
     from gpt2_jax.tools import op_profile
-    from gpt2_jax.train import steps
     from gpt2_jax.train.trainer import Trainer
 
     with sharding.use_mesh(p.mesh, p.rules):
         trainer = Trainer(c, p)
-        shape = (c.grad_accum, c.batch_size // c.grad_accum, p.block_size)
-        _, count = sharding.process_batch_slice(trainer.train_batch_sharding, shape, batch_dim=1)
-        host = synthetic_tokens(c, p, c.batch_size // count)  # this process's rows
-        batch = data_lib.to_global_batch(steps.split_microbatches(host, c.grad_accum), trainer.train_batch_sharding)
+        batch = train_batch(c, p, trainer)
         state = trainer.initial_state()
         start = time.perf_counter()
         state, m = trainer.train_fn(state, batch)
@@ -188,11 +197,11 @@ def time_torch(c, p, steps_: int, warmup: int, compiled: bool) -> dict:
 
 
 def _row(name: str, step_s: float, tokens_per_step: int, flops_token: float, peak_flops, peak_memory) -> dict:
-    from gpt2_jax.train import metrics
+    from gpt2_jax.train import flops
 
     tps = tokens_per_step / step_s
     return {"implementation": name, "step_ms": 1e3 * step_s, "tokens_per_sec": tps,
-            "model_tflops": tps * flops_token / 1e12, "mfu": metrics.mfu(tps, flops_token, peak_flops),
+            "model_tflops": tps * flops_token / 1e12, "mfu": flops.mfu(tps, flops_token, peak_flops),
             "peak_memory_bytes": peak_memory}  # fmt: skip
 
 
@@ -226,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
-    from gpt2_jax.train import metrics
+    from gpt2_jax.train import flops
     from gpt2_jax.train.plan import ConfigError, plan
 
     try:
@@ -234,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         raise UserError(str(e)) from None
     tokens_per_step = c.batch_size * p.block_size
-    flops_token = metrics.flops_per_token(p.model, p.block_size)
+    flops_token = flops.flops_per_token(p.model, p.block_size)
     summary = {"device": None, "dtype": p.model.dtype, "n_layer": p.model.n_layer, "n_embd": p.model.n_embd,
                "n_head": p.model.n_head, "block_size": p.block_size, "batch_size": c.batch_size,
                "grad_accum": c.grad_accum, "remat": p.model.remat, "attention": p.model.attention,
@@ -252,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours = time_jax(c, p, args.steps, args.warmup, args.profile)
     summary["device"] = ours["device"]
     rows = [_row("gpt2_jax", ours["step_s"], tokens_per_step, flops_token, ours["peak_flops"], ours["peak_memory"])]
-    torch_flops = metrics.flops_per_token(p.model.replace(vocab_pad_multiple=1), p.block_size)  # HF: 50257 columns
+    torch_flops = flops.flops_per_token(p.model.replace(vocab_pad_multiple=1), p.block_size)  # HF: 50257 columns
     for name, r in torch_results.items():
         rows.append(_row(f"hf_torch_{name}", r["step_s"], tokens_per_step, torch_flops, ours["peak_flops"],
                          r["peak_memory"]))  # fmt: skip

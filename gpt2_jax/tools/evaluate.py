@@ -132,7 +132,7 @@ def hellaswag(model: LoadedModel, examples: list[dict], per_batch: int = 4) -> d
 
 
 def _read_summaries(args) -> list[dict]:
-    from gpt2_jax.infer.rouge import read_pairs
+    from gpt2_jax.data.pairs import read_pairs
 
     rows = read_pairs(args.summaries, args.prompt_field, args.completion_field, args.template)
     if not rows:

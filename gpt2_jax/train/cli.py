@@ -1,4 +1,4 @@
-"""CLI + train_and_evaluate(config, workdir): the training loop around steps.train_step / eval_step.
+"""CLI: `python -m gpt2_jax.train`, the command line around train_and_evaluate (train/loop.py) and --dry_run.
 
     python -m gpt2_jax.train --config configs/X.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]
     python -m gpt2_jax.train --config configs/X.py --dry_run     # per-device memory and FLOPs, then exit
@@ -20,55 +20,21 @@ With --dry_run: 0, or 1 if the step does not fit the device's memory.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
 import re
 import sys
 
-import jax
 import ml_collections
 
 from gpt2_jax.cli import TRAINING_MEMORY_HINT, out_of_memory
 from gpt2_jax.errors import UserError
-from gpt2_jax.interop.checkpoint import Checkpoints
 from gpt2_jax.parallel import distributed, sharding
-from gpt2_jax.train import metrics
-from gpt2_jax.train.lock import WorkdirLock
+from gpt2_jax.train.hooks import Diverged
+from gpt2_jax.train.loop import train_and_evaluate
 from gpt2_jax.train.plan import plan
-from gpt2_jax.train.preemption import Preempted, StopRequest
-from gpt2_jax.train.trainer import Diverged, Trainer, to_host
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train as `config` says in `workdir`, resuming from its newest usable checkpoint if it has
-    one (resume wins over init_from); returns the last training and evaluation metrics (and
-    sample). Raises ConfigError, before compiling anything, for a config that cannot run;
-    WorkdirBusy if another trainer holds the workdir; Preempted after a SIGTERM/SIGINT (a
-    checkpoint is saved); Diverged when non-finite steps exceed max_bad_steps."""
-    p = plan(config)
-    # One trainer per workdir. Process 0 holds the lock for all processes of a run.
-    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock, sharding.use_mesh(p.mesh, p.rules):
-        trainer = Trainer(config, p)
-        ckpts = Checkpoints(workdir, max_to_keep=config.keep_checkpoints)
-        with contextlib.closing(ckpts):  # closing waits for the last save
-            train_it = trainer.train_iterator()
-            resumed = trainer.resume(ckpts, train_it)
-            state = resumed[0] if resumed else trainer.initial_state()
-            start = int(to_host(state.step))
-            writer = metrics.MetricsWriter(
-                workdir, total_steps=p.total_steps, start_step=start, drop_after=start,
-                enabled=jax.process_index() == 0, progress=config.progress_bar,
-                wandb_project=config.wandb.project, wandb_name=config.wandb.name, run_config=config.to_dict())  # fmt: skip
-            with writer, StopRequest() as stop:
-                writer.print(trainer.describe(state))
-                if resumed:
-                    writer.print(resumed[1])
-                if start >= p.total_steps:
-                    writer.print(f"step {start} of {p.total_steps}: training is complete, nothing to do")
-                trainer.run(state, train_it, writer, ckpts, stop)
-    return trainer.summary
+from gpt2_jax.train.preemption import Preempted
+from gpt2_jax.train.trainer import Trainer
 
 
 def compile_only(config: ml_collections.ConfigDict) -> int:

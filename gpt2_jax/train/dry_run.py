@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from gpt2_jax.train import metrics
+from gpt2_jax.train import flops
 from gpt2_jax.train.plan import Plan
 
 GIB = 2**30
@@ -58,7 +58,7 @@ def estimate(trainer, p: Plan, batch_size: int, grad_accum: int) -> Estimate:
         arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes, aliased=mem.alias_size_in_bytes,
         temporaries=mem.temp_size_in_bytes, code=mem.generated_code_size_in_bytes,
         device_memory=_device_memory(p.mesh.devices.flat[0]),
-        model_flops_per_step=metrics.flops_per_token(p.model, p.block_size) * batch_size * p.block_size,
+        model_flops_per_step=flops.flops_per_token(p.model, p.block_size) * batch_size * p.block_size,
         xla_flops=xla_flops, compile_seconds=seconds,
     )  # fmt: skip
 

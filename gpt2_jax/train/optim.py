@@ -50,3 +50,13 @@ def make_optimizer(
     clip = optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity()
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     return optax.chain(clip, adamw)
+
+
+def schedule_count(opt_state, default):
+    """The count the learning-rate schedule reads in `opt_state` (optax's ScaleByScheduleState):
+    the number of updates actually applied. Unlike the train state's step it does not advance
+    on an update that apply_if_finite left out, so lr_fn(schedule_count(...)) is the learning
+    rate the next update applies. `default` where the optimizer has no schedule."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    found = [s.count for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+    return found[0] if found else default

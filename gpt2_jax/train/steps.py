@@ -23,6 +23,7 @@ from flax import struct
 from flax.training import train_state
 
 from gpt2_jax.model import GPT2, cross_entropy_sums, loss_sums
+from gpt2_jax.train.optim import schedule_count
 
 
 class TrainState(train_state.TrainState):
@@ -110,7 +111,8 @@ def _loss_sums(apply_fn, params, inputs, targets, weights, **kw):
 
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimizer update from the gradient of the step's (weighted) mean loss over all its
-    microbatches. Returns the new state and float32 metrics: loss (before the update), lr,
+    microbatches. Returns the new state and float32 metrics: loss (before the update), lr (the
+    one this update applies: the schedule at the count of updates applied so far),
     grad_norm and tokens (the sum of the weights: target tokens without weights)."""
     inputs, targets, weights = _as_microbatches(batch)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
@@ -139,7 +141,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
                                     (jnp.arange(n), inputs, targets, weights))  # weights may be None  # fmt: skip
     metrics = {
         "loss": loss,
-        "lr": jnp.asarray(state.lr_fn(state.step), jnp.float32),
+        "lr": jnp.asarray(state.lr_fn(schedule_count(state.opt_state, state.step)), jnp.float32),  # as applied
         "grad_norm": optax.tree.norm(grads),
         "tokens": total_weight,
     }

@@ -1,9 +1,6 @@
-"""The training loop of one run: compiled steps, shardings, data, evaluation and samples."""
+"""The Trainer: one run's compiled train / eval steps, shardings, initial or resumed state, and data iterators."""
 
 from __future__ import annotations
-
-import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -12,23 +9,16 @@ import numpy as np
 import optax
 
 from gpt2_jax.data import loader as data_lib
-from gpt2_jax.infer.sampling import Sampler, SamplingConfig
 from gpt2_jax.interop import hf
 from gpt2_jax.interop.checkpoint import Checkpoints, abstract_with_shardings
 from gpt2_jax.interop.load import load_workdir
-from gpt2_jax.interop.tokenizer import get_tokenizer
 from gpt2_jax.model import GPT2, count_params
 from gpt2_jax.parallel import sharding
-from gpt2_jax.train import faults, metrics, optim, steps
+from gpt2_jax.train import faults, flops, optim, steps
 from gpt2_jax.train.plan import COMPUTE_FIELDS, ConfigError, Plan
-from gpt2_jax.train.preemption import Preempted, StopRequest
 
 # Shape fields a checkpoint must share with the config to resume from it.
 SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_pad_multiple")
-
-
-class Diverged(RuntimeError):
-    """Too many non-finite steps: the run stops; the last good checkpoint stays as it is."""
 
 
 def _optimizer(c: ml_collections.ConfigDict, total_steps: int):
@@ -70,28 +60,10 @@ def to_host(tree):
     return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-class _Throughput:
-    """Tokens/s and MFU between consecutive readings, excluding time spent in evaluation."""
-
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None):
-        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
-        self.step, self.time = None, None
-
-    def restart(self, step: int) -> None:
-        self.step, self.time = step, time.perf_counter()
-
-    def read(self, step: int) -> dict:
-        now = time.perf_counter()
-        out = {}
-        if self.step is not None and step > self.step:
-            tps = (step - self.step) * self.tokens_per_step / (now - self.time)
-            out = {"tokens_per_sec": tps, "mfu": metrics.mfu(tps, self.flops_per_token, self.peak)}
-        self.step, self.time = step, now
-        return out
-
-
 class Trainer:
-    """One run: its compiled step functions, shardings, data and sampler. Build and use it
+    """One run's compiled functions and state: the jitted, donated train step and the eval step
+    with their shardings, the state (fresh, from HF weights or another workdir, or resumed), and
+    this process's data iterators. The loop around them is train/loop.py. Build and use it
     inside sharding.use_mesh(plan.mesh, plan.rules), so the model's constraints resolve."""
 
     def __init__(self, c: ml_collections.ConfigDict, p: Plan):
@@ -108,18 +80,8 @@ class Trainer:
                                 out_shardings=(self.state_sharding, replicated), donate_argnums=0)  # fmt: skip
         self.eval_fn = jax.jit(steps.eval_step, in_shardings=(self.state_sharding, self.eval_batch_sharding),
                                out_shardings=replicated)  # fmt: skip
-        self.peak = metrics.total_peak_flops(p.mesh.devices.flat, p.model.dtype, c.peak_flops)
-        self.throughput = _Throughput(c.batch_size * p.block_size, metrics.flops_per_token(p.model, p.block_size), self.peak)
-        self.sampler = None
-        if p.prompt and jax.process_count() == 1:  # TODO(multi-host): gather sampled tokens across processes
-            self.sampler = Sampler(p.model, None, SamplingConfig(c.sample.temperature, c.sample.top_k))
-        self.rouge_rows = []  # held-out prompt/completion rows scored at each evaluation (single process)
-        if c.rouge.path and jax.process_count() == 1:
-            from gpt2_jax.infer.rouge import read_pairs
-
-            self.rouge_rows = read_pairs(c.rouge.path)[: c.rouge.examples]
-        self.summary: dict = {}
-        self.skipped = 0  # non-finite updates seen so far (restored with the optimizer state)
+        self.peak = flops.total_peak_flops(p.mesh.devices.flat, p.model.dtype, c.peak_flops)
+        self.skipped = 0  # non-finite updates left out so far (restored with the optimizer state)
 
     def initial_state(self) -> steps.TrainState:
         """A fresh state, created directly into its shardings: random, HF weights or another
@@ -168,139 +130,6 @@ class Trainer:
         return data_lib.make_train_iterator(p.data_path, block_size=p.block_size, global_batch_size=c.batch_size,
                                             seed=c.seed, process_index=index, process_count=count,
                                             vocab_size=p.model.vocab_size)  # fmt: skip
-
-    def run(self, state: steps.TrainState, train_it, writer: metrics.MetricsWriter, ckpts: Checkpoints,
-            stop: StopRequest) -> steps.TrainState:  # fmt: skip
-        """Train from state.step to total_steps, saving every checkpoint_every steps and at the end.
-        A step's metrics are read after the next step is queued, so reading them never stalls the
-        device; that is also when a non-finite step is noticed, always before a checkpoint."""
-        c, p = self.c, self.p
-        start = int(to_host(state.step))
-        pending = unchecked = None
-        for step in range(start + 1, p.total_steps + 1):  # `step` updates are done after this one
-            batch = data_lib.to_global_batch(steps.split_microbatches(next(train_it), c.grad_accum),
-                                             self.train_batch_sharding)  # fmt: skip
-            state, step_metrics = self.train_fn(state, batch)
-            if pending is not None:
-                self._log(writer, *pending)
-                pending = None
-            if unchecked is not None:
-                self._check_finite(ckpts, *unchecked, writer)
-            unchecked = (step, step_metrics)
-            if step == start + 1:  # it compiled: show its loss now, time from its end
-                self._log(writer, step, step_metrics)
-                self.throughput.restart(step)
-            elif step % c.log_every == 0 or step == p.total_steps:
-                pending = (step, step_metrics)
-            writer.progress(step)
-            signum = stop.agreed(sync=step % c.log_every == 0)
-            if signum or (c.checkpoint_every and step % c.checkpoint_every == 0) or step == p.total_steps:
-                self._check_finite(ckpts, *unchecked, writer)  # never save a state after a bad update
-                unchecked = None
-                self._save(ckpts, step, state, train_it)
-            faults.after_step(step)
-            if signum:
-                if pending is not None:
-                    self._log(writer, *pending)
-                ckpts.wait()
-                raise Preempted(signum, step, ckpts.path(step))
-            if c.eval_every and (step % c.eval_every == 0 or step == p.total_steps):
-                if pending is not None:
-                    self._log(writer, *pending)
-                    pending = None
-                self._evaluate(writer, step, state)
-                self.throughput.restart(step)
-        if unchecked is not None:
-            self._check_finite(ckpts, *unchecked, writer)
-        if pending is not None:
-            self._log(writer, *pending)
-        return state
-
-    def _save(self, ckpts: Checkpoints, step: int, state, train_it) -> None:
-        """Start an asynchronous save of `state` after `step`, with the data position (the next
-        batch) and the config; training goes on while it is written."""
-        ckpts.save(step, state, train_it.get_state(), self.c.to_dict(), self.p.model, force=True)
-        faults.while_saving(step)
-        if faults.active():
-            ckpts.wait()  # injected faults expect the checkpoint of their step on disk
-
-    def _check_finite(self, ckpts: Checkpoints, step: int, device_metrics: dict, writer) -> None:
-        """Stop (Diverged) at a step whose update was non-finite, or skip it while at most
-        max_bad_steps have been; the optimizer already left such an update out."""
-        skipped = int(to_host(device_metrics["skipped_steps"]))
-        if skipped == self.skipped:
-            return
-        self.skipped = skipped
-        loss = float(to_host(device_metrics["loss"]))
-        what = f"step {step}: loss {loss:.4g}, non-finite update (not applied)"
-        if skipped <= self.c.max_bad_steps:
-            writer.print(f"warning: {what}; skipped, {skipped} of max_bad_steps={self.c.max_bad_steps}")
-            return
-        ckpts.wait()
-        saved = ckpts.steps()
-        where = f"the last good checkpoint, {ckpts.path(saved[-1])}, is kept" if saved else "no checkpoint was saved"
-        raise Diverged(f"{what}; stopping: {where}. Lower lr, raise warmup_steps, or set max_bad_steps=N to "
-                       "skip up to N such steps")  # fmt: skip
-
-    def _log(self, writer, step: int, device_metrics: dict) -> None:
-        c, p = self.c, self.p
-        row = {k: float(v) for k, v in to_host(device_metrics).items()}
-        row["loss_tokens"] = row.pop("tokens")  # targets the step's loss counted ("tokens" is the running total)
-        if not row["skipped_steps"]:
-            del row["skipped_steps"]
-        row.update(self.throughput.read(step))
-        row["epoch"] = step * c.batch_size / p.windows_per_epoch if p.windows_per_epoch else 0.0
-        row["tokens"] = step * c.batch_size * p.block_size
-        writer.write(step, row, "train")
-        self.summary.update(row, step=step)
-
-    def _evaluate(self, writer, step: int, state) -> None:
-        row = self.validation_loss(state)
-        message = f"step {step}: val_loss {row['val_loss']:.4f}, val_ppl {row['val_ppl']:.2f}"
-        if self.rouge_rows:
-            row.update(self.rouge(state))
-            message += ", " + ", ".join(f"{k} {row[k]:.3f}" for k in ("rouge1", "rouge2", "rougeL"))
-        if self.sampler is not None:
-            row["sample"] = self.sample(state)
-            writer.text(step, "sample", row["sample"])
-            message += "\n--- sample ---\n" + row["sample"] + "\n--------------"
-        writer.write(step, row, "eval")
-        writer.print(message)
-        self.summary.update(row)
-
-    def validation_loss(self, state) -> dict:
-        """Loss over the first eval_batches batches of the val split (all of it if <= 0)."""
-        p, c = self.p, self.c
-        index, count = sharding.process_batch_slice(self.eval_batch_sharding, (p.eval_batch_size, p.block_size))
-        it = data_lib.make_eval_iterator(p.data_path, block_size=p.block_size, global_batch_size=p.eval_batch_size,
-                                         process_index=index, process_count=count, vocab_size=p.model.vocab_size)  # fmt: skip
-        n = it.num_batches if c.eval_batches <= 0 else min(c.eval_batches, it.num_batches)
-        results = [self.eval_fn(state, data_lib.to_global_batch(next(it), self.eval_batch_sharding)) for _ in range(n)]
-        results = to_host(results)
-        tokens = sum(float(r["tokens"]) for r in results)
-        loss = sum(float(r["loss"]) * float(r["tokens"]) for r in results) / max(tokens, 1.0)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(tokens)}
-
-    def rouge(self, state) -> dict:
-        """ROUGE-1/2/L F of greedy completions of the held-out prompts (rouge.path)."""
-        import flax.linen as nn
-
-        from gpt2_jax.infer.rouge import rouge_eval
-
-        with nn.logical_axis_rules(()):
-            scores, _ = rouge_eval(self.p.model, state.params, self.rouge_rows, self.c.rouge.max_new_tokens)
-        return {**{k: scores[k] for k in ("rouge1", "rouge2", "rougeL")}, "rouge_mean_len": scores["mean_len"]}
-
-    def sample(self, state) -> str:
-        """The fixed prompt continued by the current parameters, with the same random key every
-        time, so successive samples differ only by what training changed."""
-        import flax.linen as nn
-
-        self.sampler.params = state.params
-        with nn.logical_axis_rules(()):  # one sequence: nothing to split over the batch axes
-            rows = self.sampler.generate(np.array([self.p.prompt]), self.c.sample.length, jax.random.key(self.c.seed),
-                                         stop_at_eot=False)  # fmt: skip
-        return get_tokenizer().decode(list(self.p.prompt[1:]) + rows[0])
 
     def describe(self, state) -> str:
         p, c = self.p, self.c
