@@ -2,50 +2,8 @@
 
     python -m gpt2_jax.train --config configs/gpt2_124m.py --workdir runs/gpt2_124m --config.data.path=DATA_DIR
 
-DATA_DIR holds token shards: llm.c's FineWeb / OpenWebText .bin files work as they are, or make
-them with `python -m gpt2_jax.prepare`. To fine-tune OpenAI's weights instead of training from
-scratch: --config.init_from=hf:PATH (a Hugging Face folder, e.g. from
-`huggingface-cli download gpt2 --local-dir PATH`) and a smaller lr / total_steps.
-
-Recipe: llm.c's GPT-2 (124M) run: 512 x 1024 = 524,288 tokens per step, lr 6e-4 with 700
-warmup steps and cosine decay to 10%, AdamW betas (0.9, 0.95), weight decay 0.1 on matrices,
-gradient clipping at 1.0, bfloat16 compute.
-grad_accum 8 gives microbatches of 64 sequences; per device that is 64 / devices
-in the data and fsdp axes. Raise grad_accum (or set model.remat) if memory is short, lower it if
-the devices are idle; the update is the same either way.
-
-Argument: `:tokens=N` trains on about N tokens (default 10e9); total_steps follows.
+The recipe is gpt2_jax/configs/gpt2_124m.py, shipped with the package (`--config gpt2_124m` runs it
+from any directory); this file re-exports it. To make your own config, copy that file.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for configs/common.py
-import common  # noqa: E402
-
-
-def get_config(arg=None):
-    args = common.parse_arg(arg, tokens=10e9)
-    c = common.base_config()
-    common.set_model(c, "gpt2")
-    c.model.block_size = 1024
-    c.model.remat = "none"
-    c.dtype = "bfloat16"
-    c.batch_size = 512  # x 1024 tokens = 524,288 tokens per step
-    c.grad_accum = 8
-    c.total_steps = common.tokens_to_steps(args.tokens, c)
-    c.lr = 6e-4
-    c.min_lr_ratio = 0.1
-    c.warmup_steps = 700
-    c.weight_decay = 0.1
-    c.beta1, c.beta2 = 0.9, 0.95
-    c.grad_clip = 1.0
-    c.eval_every = 250
-    c.eval_batches = 20
-    c.checkpoint_every = 1000
-    c.log_every = 10
-    c.mesh.data, c.mesh.fsdp = -1, 1
-    c.sample.prompt = "Hello, I'm a language model,"
-    c.sample.length = 64
-    c.lock()
-    return c
+from gpt2_jax.configs.gpt2_124m import get_config  # noqa: F401

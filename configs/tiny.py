@@ -1,34 +1,9 @@
 """Tiny GPT-2 (2 layers, n_embd 64) for tests and smoke runs: trains on the bundled Shakespeare in seconds.
 
     python -m gpt2_jax.train --config configs/tiny.py --workdir /tmp/tiny
+
+The recipe is gpt2_jax/configs/tiny.py, shipped with the package (`--config tiny` runs it
+from any directory); this file re-exports it. To make your own config, copy that file.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for configs/common.py
-import common  # noqa: E402
-
-
-def get_config(arg=None):
-    common.parse_arg(arg)  # takes no arguments
-    c = common.base_config()
-    c.model.n_layer = 2
-    c.model.n_head = 4
-    c.model.n_embd = 64
-    c.model.block_size = 64
-    c.model.n_positions = 128
-    c.data.bundled = "shakespeare"
-    c.batch_size = 16
-    c.total_steps = 50
-    c.lr = 3e-3
-    c.warmup_steps = 5
-    c.weight_decay = 0.0
-    c.eval_every = 25
-    c.eval_batches = 2
-    c.checkpoint_every = 25
-    c.log_every = 5
-    c.sample.length = 16
-    c.sample.prompt = "Romeo.\n"
-    c.lock()
-    return c
+from gpt2_jax.configs.tiny import get_config  # noqa: F401

@@ -1,7 +1,6 @@
 """Shared pieces of the training tests: synthetic shards (conftest's `shards` fixture), the tiny
 config with overrides, reading a run's metrics, running a CLI in a subprocess."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2_jax.configs import load as config_load
 from gpt2_jax.data.shards import HEADER_WORDS, MAGIC, VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +39,8 @@ def markov_tokens(n, seed):
 
 
 def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """A packaged config, loaded as `--config NAME[:ARG]` loads it."""
+    return config_load.load(name if arg is None else f"{name}:{arg}")
 
 
 def tiny(shards, **overrides):

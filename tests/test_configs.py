@@ -1,14 +1,22 @@
-"""Config files: the contract keys, locking, `:arg` parsing, the recipes, and that every shipped
-config passes the trainer's checks on 8 CPU devices."""
+"""Config files: the contract keys, locking, `:arg` parsing, the recipes, that every shipped
+config passes the trainer's checks on 8 CPU devices; loading by name or from a copy anywhere;
+other tools' key names; train / bench / generate --help."""
 
+import importlib
 import importlib.util
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 import pytest
 
+from gpt2_jax.configs import PRESETS, aliases, common
+from gpt2_jax.configs import load as config_load
+from gpt2_jax.configs.keys import DEFAULTS, KEYS
 from gpt2_jax.data.shards import HEADER_WORDS, MAGIC, VERSION
 from gpt2_jax.train import cli as train
 from gpt2_jax.train import plan as plan_lib
@@ -23,10 +31,8 @@ CONTRACT_KEYS = [
 
 
 def load(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """configs/NAME.py[:ARG] of the checkout, loaded as --config loads it."""
+    return config_load.load(f"{ROOT}/configs/{name}.py" + ("" if arg is None else f":{arg}"))
 
 
 def _get(c, key):
@@ -60,6 +66,7 @@ def test_config_has_the_contract_keys_and_is_locked(name):
     assert c.dtype in ("float32", "bfloat16") and c.init_from == "scratch"
     doc = open(ROOT / "configs" / f"{name}.py").read()
     assert f"python -m gpt2_jax.train --config configs/{name}.py --workdir" in doc
+    assert f"python -m gpt2_jax.train --config {name} --workdir" in importlib.import_module(f"gpt2_jax.configs.{name}").__doc__
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -121,3 +128,164 @@ def test_command_line_overrides_and_arguments(tmp_path):
         train.parse_args(["train", f"--config={ROOT}/configs/tiny.py", "--workdir", "w", "--config.mesh.fdsp=2"])
     with pytest.raises(train.UsageError, match="unknown config argument"):
         train.parse_args(["train", f"--config={ROOT}/configs/tiny.py:big", "--workdir", "w"])
+
+
+# --- configs a user can trust -------------------------------------------------------------------
+
+
+def _write(path, body):
+    path.write_text("from gpt2_jax.configs import common\n\n\ndef get_config(arg=None):\n"
+                    "    c = common.base_config()\n" + body + "    return c\n")  # fmt: skip
+    return str(path)
+
+
+def test_base_config_is_locked_before_a_file_sets_keys(tmp_path):
+    c = common.base_config()
+    assert c.is_locked
+    with pytest.raises(AttributeError):
+        c.learning_rate = 1e-3
+    with pytest.raises(AttributeError):
+        c.model.n_layers = 3
+    typo = _write(tmp_path / "typo.py", "    c.lr = 1e-3\n    c.learning_rate = 1e-3\n")
+    with pytest.raises(train.UsageError) as e:
+        train.parse_args(["train", "--config", typo, "--workdir", "w"])
+    assert str(e.value) == (f"config {typo}, line 7: unknown config key 'learning_rate'; did you mean lr? "
+                            "(learning_rate is nanoGPT's and HF Trainer's name)")  # fmt: skip
+    nested = _write(tmp_path / "nested.py", "    c.model.n_layers = 3\n")
+    with pytest.raises(train.UsageError, match="line 6: unknown config key 'n_layers'; did you mean model.n_layer"):
+        train.parse_args(["train", "--config", nested, "--workdir", "w"])
+
+
+def test_base_config_is_the_key_table_and_help_lists_every_key(capsys):
+    """--help and base_config() read the same table, so they cannot drift."""
+    base = common.base_config()
+    assert {k: _get(base, k) for k in DEFAULTS} == DEFAULTS and set(config_load.flat_keys(base)) == set(DEFAULTS)
+    assert train.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "python -m gpt2_jax.train --config configs/X.py[:ARG] --workdir DIR" in out
+    for key, default, meaning in KEYS:
+        line = next(line for line in out.splitlines() if line.startswith(f"  {key} "))
+        assert repr(default) in line and meaning.split()[0] in line, line
+    assert "  max_iters (nanoGPT) -> total_steps" in out
+    assert "  output_dir (HF Trainer) -> --workdir" in out
+    assert train.main(["train", "--config", "tiny", "--help"]) == 0  # that config's values
+    out = capsys.readouterr().out
+    assert "values of tiny" in out and any(line.split()[:2] == ["model.n_layer", "2"] for line in out.splitlines())
+
+
+def test_a_config_copied_anywhere_imports_the_shared_pieces(tmp_path):
+    copy = tmp_path / "my_tiny.py"
+    copy.write_text((ROOT / "gpt2_jax" / "configs" / "tiny.py").read_text())
+    c, _ = train.parse_args(["train", "--config", str(copy), "--workdir", "w", "--config.lr=1e-3"])
+    assert c.lr == 1e-3 and c.to_dict() == {**load("tiny").to_dict(), "lr": 1e-3}
+    old_style = tmp_path / "old.py"
+    old_style.write_text("import common\n\n\ndef get_config(arg=None):\n    return common.base_config()\n")
+    with pytest.raises(train.UsageError, match=r"line 1: No module named 'common'; .*`from gpt2_jax.configs import common`"):
+        train.parse_args(["train", "--config", str(old_style), "--workdir", "w"])
+
+
+def test_packaged_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    for name in PRESETS:
+        assert config_load.load(name).to_dict() == load(name).to_dict(), name
+    c, _ = train.parse_args(["train", "--config", "gpt2_124m:tokens=1e9", "--workdir", "w"])
+    assert c.total_steps == 1907
+    c, _ = train.parse_args(["train", "--config=configs/shakespeare.py:quick", "--workdir", "w"])  # README's line
+    assert c.total_steps == 28
+    with pytest.raises(train.UsageError, match="gpt2_125m is neither a file nor a packaged config.*did you mean gpt2_124m"):
+        train.parse_args(["train", "--config", "gpt2_125m", "--workdir", "w"])
+
+
+def test_the_checkout_configs_are_the_packaged_ones():
+    packaged = {p.stem for p in (ROOT / "gpt2_jax" / "configs").glob("*.py") if "\ndef get_config(" in p.read_text()}
+    assert packaged == set(PRESETS)
+    assert {p.stem for p in (ROOT / "configs").glob("*.py")} == set(PRESETS) | {"common"}
+    for name in PRESETS:
+        spec = importlib.util.spec_from_file_location(f"checkout_{name}", ROOT / "configs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.get_config is importlib.import_module(f"gpt2_jax.configs.{name}").get_config
+
+
+def test_configs_import_no_jax():
+    code = ("import sys; from gpt2_jax.configs import load; load.load('gpt2_1558m'); "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'gpt2_jax.train')], 'jax'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_config_must_hold_exactly_the_trainers_keys(tmp_path):
+    bare = tmp_path / "bare.py"
+    bare.write_text("import ml_collections\n\n\ndef get_config(arg=None):\n"
+                    "    return ml_collections.ConfigDict({'lr': 1e-3, 'learning_rate': 1e-3})\n")  # fmt: skip
+    with pytest.raises(config_load.ConfigFileError, match="unknown config key 'learning_rate'; did you mean lr"):
+        config_load.load(str(bare))
+    bare.write_text("import ml_collections\n\n\ndef get_config(arg=None):\n"
+                    "    return ml_collections.ConfigDict({'lr': 1e-3})\n")  # fmt: skip
+    with pytest.raises(config_load.ConfigFileError, match="lacks .*start from .*common.base_config"):
+        config_load.load(str(bare))
+
+
+# --- the names people type ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.learning_rate=1e-3"], "unknown config key 'learning_rate' (--config.learning_rate); did you mean lr? "
+     "(learning_rate is nanoGPT's and HF Trainer's name)"),
+    (["--config.max_iters=100"], "unknown config key 'max_iters' (--config.max_iters); did you mean total_steps? "
+     "(max_iters is nanoGPT's name)"),
+    (["--config.gradient_accumulation_steps=4"], "did you mean grad_accum? (gradient_accumulation_steps is nanoGPT's "
+     "and HF Trainer's name)"),
+    (["--config.eval_interval=10"], "did you mean eval_every? (eval_interval is nanoGPT's name)"),
+    (["--config.per_device_train_batch_size=8"], "did you mean batch_size? (per_device_train_batch_size is HF "
+     "Trainer's name: batch_size is global here, in sequences per optimizer step: per_device_train_batch_size x "
+     "devices x gradient_accumulation_steps)"),
+    (["--config.num_train_epochs=3"], "did you mean num_epochs? (num_train_epochs is HF Trainer's name)"),
+    (["--config.output_dir=runs/x"], "did you mean --workdir DIR (a flag, not a config key)? (output_dir is HF "
+     "Trainer's name)"),
+    (["--config.n_layer=4"], "did you mean model.n_layer?"),
+    (["--lr=1e-3"], "unknown flag --lr; config keys are set as --config.lr=VALUE"),
+    (["--max_iters=100"], "unknown flag --max_iters; did you mean --config.total_steps=VALUE? (max_iters is "
+     "nanoGPT's name)"),
+    (["--output_dir", "runs/x"], "unknown flag --output_dir; did you mean --workdir? (output_dir is HF Trainer's "
+     "name)"),
+    (["--out_dir=runs/x"], "unknown flag --out_dir; did you mean --workdir? (out_dir is nanoGPT's name)"),
+])  # fmt: skip
+def test_other_tools_names_suggest_ours(extra, message):
+    with pytest.raises(train.UsageError) as e:
+        train.parse_args(["train", "--config", "tiny", "--workdir", "w", *extra])
+    assert message in str(e.value)
+
+
+def test_every_alias_names_a_real_key_or_flag():
+    for name, (tools, target, note) in aliases.ALIASES.items():
+        assert name not in DEFAULTS and tools, name
+        assert target in DEFAULTS or target == "--workdir" or (target == "" and note), name
+
+
+def test_samples_start_from_endoftext_unless_the_config_is_for_the_bundled_plays():
+    assert common.base_config().sample.prompt == ""
+    for name in PRESETS:
+        c = load(name, "data=d" if name == "finetune_summarize" else None)
+        if name != "shakespeare":  # tiny runs on any --config.data.path too
+            assert "Romeo" not in c.sample.prompt, name
+    assert load("tiny").sample.prompt == "" and load("shakespeare").sample.prompt == "Romeo.\n"
+
+
+def test_bench_and_generate_help_show_config_and_defaults(capsys):
+    from gpt2_jax.infer import generate
+    from gpt2_jax.tools import bench
+
+    for parse in (bench.parse_args, generate.parse_args):
+        with pytest.raises(SystemExit) as e:
+            parse(["--help"])
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: python -m gpt2_jax.bench --config NAME|FILE[:ARG] [--config.KEY=VALUE ...]" in out
+    assert "required: the config to time" in out and "timed steps (default 10)" in out
+    options = {" ".join(o.split()[:2]): " ".join(o.split()) for o in re.split(r"\n  (?=--)", out)}
+    for flag, default in [("--max_new_tokens N", "100"), ("--temperature T", "0.8"), ("--top_k K", "200"),
+                          ("--top_p P", "1.0"), ("--num_samples S", "1"), ("--seed S", "0")]:  # fmt: skip
+        assert f"(default {default})" in options[flag], options[flag]
+    c, args = bench.parse_args(["--config", "tiny", "--config.batch_size=8", "--steps", "3"])
+    assert (c.batch_size, c.model.n_layer, args.steps) == (8, 2, 3)

@@ -1,14 +1,16 @@
-"""Tests for the bundled Shakespeare corpus: prepared once into the cache, reused, same as the CLI."""
+"""Tests for the bundled Shakespeare corpus (prepared once into the cache, reused, same as the CLI) and the cache itself."""
 
 import io
 import json
 import os
 import tarfile
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from gpt2_jax.data import corpus, prepare
+from gpt2_jax.data import corpus, prepare, pretraining, shards
 from gpt2_jax.interop.tokenizer import EOT_ID, get_tokenizer
 
 VAL_TITLES = ["THE HISTORY OF KING HENRY THE SIXTH, THIRD PART", "A LOVER'S COMPLAINT", "MUCH ADO ABOUT NOTHING",
@@ -41,7 +43,7 @@ def test_prepared_into_the_cache_with_whole_works_held_out(cache):
 def test_second_call_reuses_the_cache(cache, monkeypatch):
     root, path = cache
     monkeypatch.setenv("GPT2_JAX_CACHE", str(root))
-    monkeypatch.setattr(prepare, "write_dataset", lambda *a, **k: pytest.fail("prepared again"))
+    monkeypatch.setattr(pretraining, "write_dataset", lambda *a, **k: pytest.fail("prepared again"))
     mtime = os.path.getmtime(os.path.join(path, "meta.json"))
     assert corpus.shakespeare_path() == path
     assert os.path.getmtime(os.path.join(path, "meta.json")) == mtime
@@ -68,3 +70,35 @@ def test_same_shards_as_the_cli_on_the_extracted_files(cache, tmp_path):
     assert prepare.main(argv) == 0
     for name in ("train_000000.bin", "val_000000.bin"):
         assert (tmp_path / "out" / name).read_bytes() == open(os.path.join(path, name), "rb").read()
+
+
+def _builder(calls):
+    def build(out, source):
+        calls.append(out)
+        time.sleep(0.2)  # long enough for a second caller to arrive while this one holds the lock
+        with shards.atomic_folder(out, overwrite=True) as tmp:
+            shards.write_meta(tmp, {"source": source, "meta_version": shards.META_VERSION})
+
+    return build
+
+
+def test_the_cache_builds_once_for_concurrent_callers_and_again_when_the_source_changes(tmp_path, monkeypatch):
+    from gpt2_jax.data import cache as prepared_cache
+
+    monkeypatch.setenv("GPT2_JAX_CACHE", str(tmp_path))
+    calls = []
+    build = _builder(calls)
+    source = {"content_sha256": "a"}
+    results = []
+    callers = [threading.Thread(target=lambda: results.append(prepared_cache.prepared("x/y", source, lambda o: build(o, source))))
+               for _ in range(2)]  # fmt: skip
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    out = str(tmp_path / "x" / "y")
+    assert calls == [out] and sorted(results) == [(out, False), (out, True)]
+    assert prepared_cache.prepared("x/y", source, lambda o: build(o, source)) == (out, False) and len(calls) == 1
+    changed = {"content_sha256": "b"}
+    assert prepared_cache.prepared("x/y", changed, lambda o: build(o, changed)) == (out, True) and len(calls) == 2
+    assert json.load(open(os.path.join(out, "meta.json")))["source"] == changed

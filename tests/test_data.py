@@ -232,7 +232,7 @@ def _bad_shard_dirs(tmp_path):
     (tmp_path / "headless" / "train_000000.bin").write_bytes(b"\x00" * 10)
     return [
         (str(tmp_path / "nowhere"), f"data path {tmp_path}/nowhere is not a folder"),
-        (str(tmp_path / "empty"), f"no train shards \\(train_\\*.bin\\) in {tmp_path}/empty"),
+        (str(tmp_path / "empty"), f"no train shards in {tmp_path}/empty; accepted names: train_NNNNNN.bin"),
         (make("magic", header=[1234] + [0] * 255), "not a token shard \\(magic number 1234, expected 20240520\\)"),
         (make("version", header=[20240520, 7, 100] + [0] * 253), "shard version 7; only version 1"),
         (truncated, "truncated: its header says 5,000 tokens but the file holds 100"),
@@ -262,3 +262,181 @@ def test_batch_layout_errors(shards):
         train(shards, global_batch_size=6, process_count=4)
     with pytest.raises(data.DataError, match=r"process_index 2 is not in \[0, process_count=2\)"):
         train(shards, process_index=2, process_count=2)
+
+
+# --- llm.c's other shard names and files ------------------------------------------------------
+
+
+def _llm_c_file(path, tokens, magic=20240520, version=1, dtype=np.uint16):
+    """Like llm.c's dev/data/data_common.py write_datafile: gpt-2 (uint16) or llama-3 (uint32)."""
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = magic, version, len(tokens)
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype).tobytes())
+
+
+@pytest.mark.parametrize("train_name, val_name", [
+    ("tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin"),  # dev/data/tinyshakespeare.py
+    ("TinyStories_train.bin", "TinyStories_val.bin"),  # dev/data/tinystories.py
+    ("fineweb_train_000001.bin", "fineweb_val_000000.bin"),  # dev/data/fineweb.py, modded-nanogpt
+])  # fmt: skip
+def test_every_llm_c_shard_name_is_found(tmp_path, train_name, val_name):
+    _llm_c_file(tmp_path / train_name, np.arange(10 * T + 1))
+    _llm_c_file(tmp_path / val_name, np.arange(3 * T + 1))
+    (tmp_path / "tiny_shakespeare.txt").write_text("the input llm.c keeps beside its shards")
+    assert data.shard_files(str(tmp_path), "train") == [str(tmp_path / train_name)]
+    assert data.num_windows(str(tmp_path), T, "train") == 10 and data.num_windows(str(tmp_path), T, "val") == 3
+
+
+def test_no_shards_lists_the_accepted_names_and_the_bin_files_seen(tmp_path):
+    _llm_c_file(tmp_path / "shakespeare.bin", np.arange(100))
+    with pytest.raises(data.DataError) as e:
+        data.shard_files(str(tmp_path), "train")
+    assert str(e.value) == (
+        f"no train shards in {tmp_path} (its .bin files: shakespeare.bin); accepted names: train_NNNNNN.bin "
+        "(prepare's), PREFIX_train_NNNNNN.bin (llm.c's and modded-nanogpt's FineWeb) or PREFIX_train.bin (llm.c's "
+        "tiny_shakespeare_train.bin, TinyStories_train.bin); make them with python -m gpt2_jax.prepare")
+
+
+def test_a_llama_3_shard_is_named_for_what_it_is_in_one_line_exit_2(tmp_path):
+    from runs import cli
+
+    _llm_c_file(tmp_path / "fineweb_train_000001.bin", np.arange(1000) + 100_000, 20240801, 7, np.uint32)
+    with pytest.raises(data.DataError, match="an llm.c Llama-3 shard \\(magic 20240801: uint32 token ids"):
+        data.num_windows(str(tmp_path), T)
+    run = cli("--config", "tiny", "--workdir", str(tmp_path / "run"), f"--config.data.path={tmp_path}")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr == (
+        f"error: {tmp_path}/fineweb_train_000001.bin: an llm.c Llama-3 shard (magic 20240801: uint32 token ids of "
+        "the Llama-3 tokenizer), not GPT-2 tokens; this trainer reads GPT-2 shards (magic 20240520, uint16): "
+        "re-run llm.c's dev/data script with -m gpt-2 (its default), or prepare the text with python -m "
+        "gpt2_jax.prepare\n")
+
+
+def test_an_llm_c_hellaswag_file_among_the_shards_is_named(tmp_path):
+    _llm_c_file(tmp_path / "train_000000.bin", np.arange(100))
+    _llm_c_file(tmp_path / "hellaswag_val.bin", np.arange(100), 20240522)
+    with pytest.raises(data.DataError, match="hellaswag_val.bin: an llm.c evaluation file \\(magic 20240522"):
+        data.num_windows(str(tmp_path), T, "val")
+
+
+# --- data.path from raw text: prepared into the cache on first use ----------------------------
+
+WORDS = "the quick brown fox jumps over a lazy dog and then runs far away into the woods".split()
+
+
+def _text(n_words, seed):
+    rng = np.random.default_rng(seed)
+    return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), n_words))
+
+
+def _plan_on(path, **overrides):
+    from runs import tiny
+
+    from gpt2_jax.train import plan as plan_lib
+
+    settings = {"model.vocab_size": 50257, "batch_size": 8, "eval_every": 2} | overrides
+    return plan_lib.plan(tiny(str(path), **settings))
+
+
+def _meta(folder):
+    return json.load(open(os.path.join(folder, "meta.json")))
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_JAX_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_one_text_file_trains_through_data_path_with_a_val_split_by_position(tmp_path, cache_root, capsys):
+    from runs import rows, tiny
+
+    from gpt2_jax.interop.tokenizer import get_tokenizer
+    from gpt2_jax.train import cli as train
+
+    text = _text(3000, 0)
+    (tmp_path / "data.txt").write_text(text)
+    config = tiny(str(tmp_path / "data.txt"), **{"model.vocab_size": 50257, "batch_size": 8, "total_steps": 2,
+                                                  "warmup_steps": 1, "eval_every": 2})  # fmt: skip
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    (folder,) = [str(p) for p in (cache_root / "prepared").iterdir() if p.is_dir()]
+    meta = _meta(folder)
+    stream = [50256, *get_tokenizer().encode_ordinary(text)]
+    n_val = round(len(stream) * 0.1)
+    assert meta["val_rule"] == "positions" and meta["val_fraction"] == 0.1
+    assert (meta["train"]["tokens"], meta["val"]["tokens"]) == (len(stream) - n_val, n_val)
+    got = [np.fromfile(os.path.join(folder, f"{s}_000000.bin"), "<u2", offset=1024) for s in ("train", "val")]
+    np.testing.assert_array_equal(np.concatenate(got), stream)  # the stream, cut once: val is its last 10%
+    assert f"data: validation split: the last 10% of the token stream ({n_val:,} tokens), by position" in out
+    _, eval_rows = rows(tmp_path / "run")
+    assert [r["step"] for r in eval_rows] == [2] and np.isfinite(eval_rows[0]["val_loss"])
+
+
+def test_unchanged_inputs_are_reused_and_changed_ones_prepared_again(tmp_path, cache_root, monkeypatch, capsys):
+    from gpt2_jax.data import pretraining
+
+    calls = []
+    write = pretraining.write_dataset
+    monkeypatch.setattr(pretraining, "write_dataset", lambda *a, **k: calls.append(a[1]) or write(*a, **k))
+    (tmp_path / "data.txt").write_text(_text(2000, 0))
+    first = _plan_on(tmp_path / "data.txt").data_path
+    mtime = os.path.getmtime(os.path.join(first, "meta.json"))
+    assert calls == [first] and first.startswith(str(cache_root / "prepared" / "data.txt-"))
+    assert "data: preparing 1 file(s)" in capsys.readouterr().out
+
+    os.utime(tmp_path / "data.txt")  # touched, same bytes: still reused
+    assert _plan_on(tmp_path / "data.txt").data_path == first and calls == [first]
+    assert os.path.getmtime(os.path.join(first, "meta.json")) == mtime
+    assert f"data: {first}, prepared from {tmp_path}/data.txt (unchanged since)" in capsys.readouterr().out
+
+    (tmp_path / "data.txt").write_text(_text(2500, 1))
+    assert _plan_on(tmp_path / "data.txt").data_path == first and calls == [first, first]
+    assert _meta(first)["train"]["tokens"] + _meta(first)["val"]["tokens"] > 2500
+    assert sorted(os.listdir(cache_root / "prepared")) == [os.path.basename(first), os.path.basename(first) + ".lock"]
+
+
+def test_folders_globs_and_jsonl_are_prepared_too(tmp_path, cache_root):
+    from gpt2_jax.interop.tokenizer import get_tokenizer
+
+    enc = get_tokenizer()
+    texts = [_text(800, i) for i in range(3)]
+    (tmp_path / "books").mkdir()
+    for i, t in enumerate(texts):
+        (tmp_path / "books" / f"b{i}.txt").write_text(t)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    n_tokens = sum(1 + len(enc.encode_ordinary(t)) for t in texts)
+    for path in (tmp_path / "books", f"{tmp_path}/books/*.txt", tmp_path / "rows.jsonl"):
+        meta = _meta(_plan_on(path).data_path)
+        assert meta["source"]["files"] == (1 if str(path).endswith(".jsonl") else 3), path
+        assert meta["train"]["tokens"] + meta["val"]["tokens"] == n_tokens, path
+        assert meta["val"]["tokens"] > 0 and meta["val_rule"] in ("documents", "positions"), path
+    assert len([p for p in (cache_root / "prepared").iterdir() if p.is_dir()]) == 3
+
+
+def test_bad_raw_inputs_are_one_config_error_line(tmp_path, cache_root):
+    from gpt2_jax.train import plan as plan_lib
+
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff")
+    for path, message in [
+        (tmp_path / "nowhere.txt", f"data.path {tmp_path}/nowhere.txt: not found (it is not a folder of token "
+                                   "shards, nor a text / jsonl file, folder or glob)"),
+        (tmp_path / "empty.txt", f"data.path {tmp_path}/empty.txt: input is empty (0 bytes)"),
+        (tmp_path / "bad.txt", f"data.path {tmp_path}/bad.txt: {tmp_path}/bad.txt:2: not valid UTF-8 (byte 0xff)"),
+        (f"{tmp_path}/*.md", f"data.path {tmp_path}/*.md: no files match '{tmp_path}/*.md'"),
+    ]:  # fmt: skip
+        with pytest.raises(plan_lib.ConfigError) as e:
+            _plan_on(path)
+        assert str(e.value) == message
+    assert not (cache_root / "prepared").exists() or not [p for p in (cache_root / "prepared").iterdir() if p.is_dir()]
+
+
+def test_a_tiny_validation_split_warns(tmp_path, cache_root, capsys):
+    (tmp_path / "small.txt").write_text(_text(1500, 0))
+    p = _plan_on(tmp_path / "small.txt", **{"model.block_size": 16})
+    val = _meta(p.data_path)["val"]["tokens"]
+    windows = (val - 1) // 16
+    assert 0 < val < 1000
+    assert (f"warning: the validation split has only {windows * 16:,} tokens to evaluate (under 10,000): its "
+            "val_loss and val_ppl are rough estimates from so few; more text gives steadier ones") in capsys.readouterr().out

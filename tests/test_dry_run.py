@@ -1,5 +1,7 @@
 """train --dry_run: per-device memory from the compiled step; FSDP shrinks the state per device."""
 
+import re
+
 import jax
 import numpy as np
 from runs import tiny
@@ -45,3 +47,25 @@ def test_a_step_that_does_not_fit_says_which_knobs_to_turn(shards, capsys, monke
     assert train.compile_only(tiny(shards)) == 1
     out = capsys.readouterr().out
     assert "does NOT fit: needs" in out and "raise grad_accum" in out and "mesh.fsdp=-1" in out
+
+
+def test_host_available_memory_is_read_from_meminfo(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   24000000 kB\n")
+    assert dry_run.host_available_bytes(str(meminfo)) == 24_000_000 * 1024
+    assert dry_run.host_available_bytes(str(tmp_path / "missing")) > 0  # os.sysconf's free pages
+
+
+def test_on_cpu_the_step_is_compared_with_the_hosts_available_ram(shards, capsys, monkeypatch):
+    """XLA:CPU reports no memory limit; the 8 CPU devices share the host's RAM, so each gets an
+    eighth of what is available. Before, every CPU dry run said nothing and exited 0."""
+    monkeypatch.setattr(dry_run, "host_available_bytes", lambda: 8 * 2**30)
+    assert dry_run._device_memory(jax.devices()[0]) == 2**30
+    assert train.compile_only(tiny(shards)) == 0
+    assert re.search(r"\nfits: \d+\.\d\d of 1\.00 GiB host RAM \(available RAM shared by 8 CPU devices\)",
+                     capsys.readouterr().out)
+
+    monkeypatch.setattr(dry_run, "host_available_bytes", lambda: 8 * 2**20)  # 1 MiB each: too small
+    assert train.compile_only(tiny(shards)) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit: needs" in out and "GiB of host RAM (available RAM shared by 8 CPU devices)" in out

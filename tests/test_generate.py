@@ -77,13 +77,13 @@ def test_one_sampler_per_model_and_one_compilation_for_prompts_of_one_shape(hf_d
     monkeypatch.setattr(generate, "Sampler", counting_sampler)
     prompts = ["One", "Two", "Three"]
     assert [len(get_tokenizer().encode(p)) for p in prompts] == [1, 1, 1]  # one prefill shape
-    # settings no other test uses, so this run compiles its sampling steps once, here
-    argv = ["--hf", hf_dir, "--max_new_tokens", "5", "--temperature", "0.9", "--top_k", "17", "--num_samples", "2"]
+    # a batch size (3 samples) no other test uses, so this run compiles its steps once, here
+    argv = ["--hf", hf_dir, "--max_new_tokens", "5", "--temperature", "0.9", "--top_k", "17", "--num_samples", "3"]
     with compilations() as compiled:
         assert run(generate.main, [*argv, *(a for p in prompts for a in ("--prompt", p))]) == 0
     assert [n for n in compiled if "prefill" in n or "decode" in n] == ["jit(_prefill)", "jit(_decode)"]
     assert len(made) == 1
-    assert capsys.readouterr().out.count("--- sample 2 ---") == 3
+    assert capsys.readouterr().out.count("--- sample 3 ---") == 3
     made.clear()
     assert run(generate.main, ["--hf", hf_dir, "--workdir", workdir, "--prompt", "a", "--prompt", "b",
                                "--max_new_tokens", "2"]) == 0  # fmt: skip

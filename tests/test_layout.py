@@ -15,14 +15,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gpt2_jax"
 ALLOWED = {
     "model": set(),
     "parallel": set(),
+    "configs": set(),  # presets and shared pieces: a leaf, so a config file imports only ml_collections
     "interop": {"model"},
     "data": {"interop"},
     "infer": {"model", "interop"},
-    "train": {"model", "data", "parallel", "interop", "infer"},
-    "tools": {"model", "data", "parallel", "interop", "infer", "train"},
+    "train": {"model", "data", "parallel", "interop", "infer", "configs"},
+    "tools": {"model", "data", "parallel", "interop", "infer", "train", "configs"},
 }
 SHARED = {"errors", "cli"}
-CLIS = ("train", "prepare", "generate", "export", "evaluate", "bench", "plot")
+CLIS = ("train", "prepare", "generate", "export", "evaluate", "bench", "plot", "serve")
 MAX_LINES = 400
 
 

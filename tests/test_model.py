@@ -218,7 +218,47 @@ def test_kv_cache_decoding_matches_the_full_forward(dtype):
         logits, state = step(state["cache"], tokens[:, i : i + 1])
         pieces.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5 if dtype == "float32" else 2e-2)
-    assert int(state["cache"]["h_0"]["attn"]["index"]) == 20
+    assert state["cache"]["h_0"]["attn"]["index"].tolist() == [20, 20, 20]
+    assert state["cache"]["position"].tolist() == [20, 20, 20]
+
+
+def test_rows_of_one_cache_at_different_positions_each_match_their_own_forward():
+    """Per-row positions: prompts of 3, 7 and 12 tokens right-padded into one prefill, each row
+    continued from its own length (set_positions), the rows moved to another cache (take_rows,
+    insert_rows) and decoded on there: every row's logits equal the full forward of its own
+    sequence, so prompts of different lengths share a batch."""
+    from gpt2_jax.model.cache import insert_rows, set_positions, take_rows
+
+    config = _tiny()
+    params = init_params(config, jax.random.key(0))
+    lengths = [3, 7, 12]
+    tokens = _random_tokens((3, 20), seed=1)
+
+    @jax.jit
+    def step(cache, t):
+        return GPT2(config).apply({"params": params, "cache": cache}, t, decode=True, mutable=["cache"])
+
+    logits, state = step(init_cache(config, 3, 12), jnp.asarray(tokens[:, :12]))  # padding past each length
+    got = {row: [logits[row, n - 1]] for row, n in enumerate(lengths)}
+    cache = set_positions(state["cache"], lengths)
+    cache = take_rows(cache, jnp.array([2, 0, 1]), 32)  # reordered, with room for 20 more positions
+    cache = insert_rows(init_cache(config, 4, 32), cache, jnp.array([3, 0, 1]))  # into a 4-row batch
+    rows_of_slots = [0, 1, None, 2]  # slot 2 holds nothing
+    for i in range(6):  # each row feeds its own next token, at its own position
+        feed = np.zeros((4, 1), np.int32)
+        for slot, row in enumerate(rows_of_slots):
+            if row is not None:
+                feed[slot, 0] = tokens[row, lengths[row] + i]
+        logits, state = step(cache, jnp.asarray(feed))
+        cache = state["cache"]
+        for slot, row in enumerate(rows_of_slots):
+            if row is not None:
+                got[row].append(logits[slot, 0])
+    for row, n in enumerate(lengths):
+        full = np.asarray(GPT2(config).apply({"params": params}, jnp.asarray(tokens[row : row + 1, : n + 6])))[0]
+        np.testing.assert_allclose(np.stack(got[row]), full[n - 1 : n + 6], atol=2e-5)
+    assert cache["position"].tolist() == [9, 13, 6, 18]
+    assert cache["h_1"]["attn"]["index"].tolist() == [9, 13, 6, 18]
 
 
 def test_decoding_past_the_end_of_the_cache_is_an_error_never_wrong_logits():
@@ -248,6 +288,11 @@ def test_decoding_past_the_end_of_the_cache_is_an_error_never_wrong_logits():
         jitted(init_cache(config, 2, max_length=8), tokens[:, :9])  # known while tracing
     with pytest.raises(ValueError, match="between 1 and the 128 positions"):
         init_cache(config, 2, max_length=129)
+    # per row: the row that overflows gets NaN, the others keep their logits
+    from gpt2_jax.model.cache import set_positions
+
+    logits, _ = jitted(set_positions(full["cache"], [8, 5]), tokens[:, 8:9])
+    assert np.isnan(np.asarray(logits[0])).all() and np.isfinite(np.asarray(logits[1])).all()
 
 
 # --- the chunked loss: same loss and gradients as the full logits, less memory ------------------

@@ -73,6 +73,7 @@ def test_tokens_in_equal_tokens_out_with_unicode(tmp_path, capsys):
                                                                "sha256": meta["val"]["sha256"]}  # fmt: skip
     assert meta["input_bytes"] == sum(len(t.encode()) for t in UNICODE_DOCS)
     assert "warning: the validation split is empty" not in err  # val_fraction 0 asks for no val
+    assert meta["val_rule"] == "none" and err == ""
 
 
 def test_header_is_llm_c_format_byte_for_byte(tmp_path, capsys):
@@ -110,6 +111,7 @@ def test_val_split_is_deterministic_disjoint_and_order_free(tmp_path, capsys):
     assert not set(train) & set(val) and sorted(train + val) == sorted(lines)
     assert set(val) == {d for d in lines if pretraining.is_val(d, 0.2)}
     assert 40 <= len(val) <= 120  # 20% of 400, loosely
+    assert json.load(open(tmp_path / "out1" / "meta.json"))["val_rule"] == "documents"
     for split in ("train", "val"):
         assert (tmp_path / "out1" / f"{split}_000000.bin").read_bytes() == (tmp_path / "out2" / f"{split}_000000.bin").read_bytes()
     assert set(docs_of(split_tokens(tmp_path / "rev", "val"))) == set(val)  # membership does not depend on order
@@ -269,7 +271,42 @@ def test_cli_subprocess_success_and_error(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt", "data"]
 
 
-def test_empty_validation_split_warns(tmp_path, capsys):
-    (tmp_path / "one.txt").write_text("a single document")
-    rc, _, err = run_cli(capsys, "--input", tmp_path / "one.txt", "--out", tmp_path / "out")
-    assert rc == 0 and err.startswith("warning: the validation split is empty (1 document(s) at --val_fraction 0.01)")
+def test_one_document_is_split_by_position_and_the_console_says_so(tmp_path, capsys):
+    """Before, one file gave an empty val split whatever --val_fraction ("use a larger
+    --val_fraction": 0.5 still gave none); now its stream's last fraction is held out."""
+    text = " ".join(f"word{i % 97}" for i in range(3000))
+    (tmp_path / "one.txt").write_text(text)
+    stream = expected_stream([text])
+    for fraction in (0.01, 0.5):
+        out = tmp_path / f"out{fraction}"
+        rc, stdout, err = run_cli(capsys, "--input", tmp_path / "one.txt", "--out", out, "--val_fraction", fraction)
+        n_val = round(len(stream) * fraction)
+        assert rc == 0 and stdout.startswith(f"wrote {out}: train 1 docs, {len(stream) - n_val:,} tokens in 1 shard(s); "
+                                             f"val 0 docs, {n_val:,} tokens in 1 shard(s)")  # fmt: skip
+        meta = json.load(open(out / "meta.json"))
+        assert meta["val_rule"] == "positions" and meta["val"]["tokens"] == n_val
+        np.testing.assert_array_equal(np.concatenate([split_tokens(out, "train"), split_tokens(out, "val")]), stream)
+        assert err.splitlines()[0] == (f"note: validation split: the last {fraction * 100:g}% of the token stream "
+                                       f"({n_val:,} tokens), by position, because whole documents gave none (1 document(s))")  # fmt: skip
+        assert "empty" not in err and "larger --val_fraction" not in err
+
+
+def test_a_tiny_validation_split_warns(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("a single short document, " * 40)
+    rc, _, err = run_cli(capsys, "--input", tmp_path / "one.txt", "--out", tmp_path / "out", "--val_fraction", 0.1)
+    val = json.load(open(tmp_path / "out" / "meta.json"))["val"]["tokens"]
+    assert rc == 0 and 0 < val < 100
+    assert err.splitlines()[-1] == (f"warning: the validation split has only {val:,} tokens to evaluate (under 10,000): "
+                                    "its val_loss and val_ppl are rough estimates from so few; more text gives steadier ones")  # fmt: skip
+
+
+def test_an_empty_example_split_gives_advice_that_can_work(tmp_path, capsys):
+    """Prompt/completion examples are never cut, so one example cannot give a val split."""
+    for n in (1, 3):
+        rows = [{"prompt": f"question {i}?", "completion": f" answer {i}."} for i in range(n)]
+        (tmp_path / f"pairs{n}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rc, _, err = run_cli(capsys, "--input", tmp_path / f"pairs{n}.jsonl", "--out", tmp_path / f"out{n}",
+                             "--completion_field", "completion", "--val_fraction", 0.001)  # fmt: skip
+        advice = "one example cannot be split; add examples" if n == 1 else \
+            "add examples or raise --val_fraction (the chance that each goes to validation)"  # fmt: skip
+        assert rc == 0 and err == f"warning: the validation split is empty ({n} example(s) at --val_fraction 0.001); {advice}\n"

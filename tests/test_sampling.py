@@ -110,22 +110,23 @@ def test_lengths_beyond_the_context_are_refused():
         sampler.generate(_prompt(length=40), 9, jax.random.key(0))
 
 
-def test_a_new_sampler_with_the_same_settings_and_shapes_compiles_nothing():
+def test_a_new_sampler_other_settings_or_other_params_of_the_same_shapes_compile_nothing():
     config, params = _model()
-    prompt = _prompt()
-    sampling = SamplingConfig(temperature=0.7, top_k=5)  # used only here: the first sampler compiles
-    first = Sampler(config, params, sampling).generate(prompt, 6, jax.random.key(0))
+    prompt = _prompt(batch=3)  # a batch size used only here: the first sampler compiles
+    sampling = SamplingConfig(temperature=0.7, top_k=5)
+    with compilations() as compiled:
+        first = Sampler(config, params, sampling).generate(prompt, 6, jax.random.key(0))
+    # the count can see compilations: the steps' names, as the generate test expects them
+    assert {"jit(_prefill)", "jit(_decode)"} <= set(compiled)
     other = jax.tree_util.tree_map(lambda x: -x, params)  # other values, same shapes (params are traced)
     with compilations() as compiled:
         again = Sampler(config, params, sampling).generate(prompt, 6, jax.random.key(0))
         Sampler(config, other, sampling).generate(prompt, 6, jax.random.key(0))
+        # the settings are arrays on the device, not compile-time constants
+        for other_sampling in (SamplingConfig(temperature=0.0), SamplingConfig(temperature=1.3, top_p=0.5)):
+            Sampler(config, params, other_sampling).generate(prompt, 6, jax.random.key(0))
     assert compiled == []
     assert again == first
-    # the compiled steps are keyed on the settings: other settings compile their own (so the
-    # count above can see a compilation)
-    with compilations() as compiled:
-        Sampler(config, params, SamplingConfig(temperature=0.7, top_k=6)).generate(prompt, 6, jax.random.key(0))
-    assert any("prefill" in name for name in compiled) and any("decode" in name for name in compiled)
 
 
 def test_a_second_rouge_eval_compiles_nothing():
@@ -147,3 +148,52 @@ def test_a_second_rouge_eval_compiles_nothing():
 def test_bad_sampling_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingConfig(**bad)
+
+
+# --- the engine: rows of different lengths and settings in one batch, joining between chunks --
+
+
+def _run(batch, requests):
+    """Admit `requests` as rows free up (first come first served), one decode step per chunk,
+    until all have finished."""
+    waiting = list(requests)
+    while waiting or batch.active:
+        room = batch.max_batch - len(batch.active)
+        if waiting and room:
+            batch.admit(waiting[:room])
+            waiting = waiting[room:]
+        batch.step()
+    return [r.tokens for r in requests]
+
+
+def test_rows_that_join_between_chunks_generate_what_each_generates_alone(monkeypatch):
+    from gpt2_jax.infer import engine
+    from gpt2_jax.infer.engine import Batch, Request, request_key
+
+    monkeypatch.setattr(engine, "CHUNK_SECONDS", 0.0)  # one step per chunk: rows join and leave mid-flight
+    config, params = _model()
+    lengths, max_tokens = [2, 5, 9, 3, 12, 1], [10, 6, 14, 8, 5, 9]
+    prompts = [_prompt(1, n, seed=n)[0].tolist() for n in lengths]
+    sampled = dict(temperature=0.8, top_k=20, top_p=0.9)
+
+    def requests(keys=(1, 2)):
+        out = [Request(p, m) for p, m in zip(prompts, max_tokens)]
+        out[1] = Request(prompts[1], max_tokens[1], key=request_key(keys[0]), **sampled)
+        out[4] = Request(prompts[4], max_tokens[4], key=request_key(keys[1]), temperature=1.5)
+        return out
+
+    alone = [_run(Batch(config, params, 1), [r])[0] for r in requests()]
+    greedy = Sampler(config, params, SamplingConfig(temperature=0))
+    for i in (0, 2, 3, 5):
+        assert alone[i] == greedy.generate(np.array([prompts[i]]), max_tokens[i], jax.random.key(0))[0]
+    batch = Batch(config, params, max_batch=4)
+    batch.step_seconds = 1.0
+    assert _run(batch, requests()) == alone  # 4 rows at most: the last two wait, then join
+    assert batch.peak == 4 and dict(batch.finished) == {"length": 6}
+    # the same buckets again, other tokens and seeds: nothing compiles
+    prompts[:] = [_prompt(1, n, seed=n + 100)[0].tolist() for n in lengths]
+    batch = Batch(config, params, max_batch=4)
+    batch.step_seconds = 1.0
+    with compilations() as compiled:
+        again = _run(batch, requests(keys=(3, 4)))
+    assert compiled == [] and again != alone

@@ -216,7 +216,6 @@ INVALID = [
     ({"init_from": "workdir:/nonexistent"}, "is not a training workdir (no checkpoints/ in it)"),
     ({"dtype": "float16"}, "dtype must be 'float32' or 'bfloat16'"),
     ({"model.remat": "some"}, "remat must be one of"),
-    ({"warmup_steps": 50, "total_steps": 10}, "warmup_steps (50) exceeds the 10 training steps"),
     ({"lr": 0.0}, "lr must be > 0"),
     ({"total_steps": 0}, "total_steps must be >= 1"),
     ({"sample.length": 200}, "exceed the model's 128 positions"),
@@ -297,3 +296,81 @@ def test_running_out_of_device_memory_is_one_line_that_says_what_to_change(shard
     assert err.startswith("error: out of device memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
                           "512 bytes.); lower batch_size or raise grad_accum")  # fmt: skip
     assert err.count("\n") == 1
+
+
+# --- no silent surprises: notes, the last line, the training loss, hub ids --------------------
+
+
+def test_a_short_run_warms_up_over_all_its_steps_says_so_once_and_ends_naming_its_checkpoint(shards, tmp_path, capsys):
+    """Before, warmup_steps > total_steps refused the run (every short run of a long recipe)."""
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny(shards, total_steps=3, warmup_steps=100, **{"sample.prompt": "Romeo.\n"}), workdir)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines.count("note: warmup_steps 100 > total_steps 3; warming up over 3 steps") == 1
+    assert lines[-1] == (f"done: checkpoint {workdir}/checkpoints/3; python -m gpt2_jax.generate --workdir {workdir} "
+                         f'--prompt "Romeo."; python -m gpt2_jax.export --workdir {workdir} --out {workdir}_hf')
+    assert os.path.isdir(f"{workdir}/checkpoints/3")
+    lr = tiny(shards).lr
+    np.testing.assert_allclose([r["lr"] for r in rows(workdir)[0]], [lr / 3, 2 * lr / 3, lr], rtol=1e-6)
+
+
+def test_eval_rows_carry_the_training_loss_and_leave_the_training_data_alone(shards, tmp_path, capsys):
+    with_eval, without = str(tmp_path / "eval"), str(tmp_path / "plain")
+    train.train_and_evaluate(tiny(shards, total_steps=8, eval_every=4), with_eval)
+    console = capsys.readouterr().out
+    train.train_and_evaluate(tiny(shards, total_steps=8), without)
+    np.testing.assert_array_equal(losses(with_eval), losses(without))  # the same batches, in the same order
+
+    train_rows, eval_rows = rows(with_eval)
+    assert [r["step"] for r in eval_rows] == [4, 8]
+    for r in eval_rows:
+        assert r["train_tokens"] == 2 * 16 * 32  # eval_batches 2 x eval batch 16 x block 32
+        assert abs(r["train_loss"] - r["val_loss"]) < 0.1  # one distribution, one model
+        assert f"val_loss {r['val_loss']:.4f}, val_ppl {r['val_ppl']:.2f}, train_loss {r['train_loss']:.4f}" in console
+    # step 5's logged loss is the model after step 4 (the one evaluated) on the next training batch
+    assert eval_rows[0]["train_loss"] == pytest.approx(train_rows[4]["loss"], abs=0.05)
+    assert eval_rows[1]["train_loss"] < eval_rows[0]["train_loss"] - 0.3
+
+
+def _hf_folder(path, n_layer=2):
+    config = GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=n_layer, n_head=4)
+    hf.save_hf(str(path), config, jax.device_get(init_params(config, jax.random.key(0))))
+    return str(path)
+
+
+def test_a_shape_from_init_from_names_the_config_keys_it_overrides(shards, tmp_path):
+    folder = _hf_folder(tmp_path / "hf")
+    p = plan_lib.plan(tiny(shards, init_from=f"hf:{folder}", **{"model.n_layer": 12, "model.n_embd": 768,
+                                                                 "model.n_head": 12}))  # fmt: skip
+    assert p.model.n_layer == 2 and p.model.n_embd == 64
+    assert p.notes == (f"note: model shape from hf:{folder} overrides model.n_layer 12 -> 2, model.n_head 12 -> 4, "
+                       "model.n_embd 768 -> 64",)  # fmt: skip
+    assert plan_lib.plan(tiny(shards, init_from=f"hf:{folder}")).notes == ()  # the config agrees: nothing to say
+
+
+def test_a_hub_id_offline_is_one_line_that_says_what_to_run(shards, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(plan_lib.ConfigError) as e:
+        plan_lib.plan(tiny(shards, init_from="hf:gpt2"))
+    assert str(e.value) == ("init_from 'hf:gpt2': not a folder, and the hub is unreachable/offline; download it "
+                            "with: hf download gpt2 --local-dir PATH, then init_from=hf:PATH "
+                            "(offline mode: HF_HUB_OFFLINE=1)")  # fmt: skip
+
+
+def test_a_hub_id_is_downloaded_through_huggingface_hub(shards, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder, asked = _hf_folder(tmp_path / "snapshot", n_layer=1), []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append((repo_id, kwargs))
+        return folder
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    p = plan_lib.plan(tiny(shards, init_from="hf:openai-community/gpt2", **{"model.n_layer": 1}))
+    [(repo_id, kwargs)] = asked
+    assert repo_id == "openai-community/gpt2" and {"config.json", "*.safetensors"} <= set(kwargs["allow_patterns"])
+    assert p.hf_path == folder and p.model.n_layer == 1  # the shape came from the snapshot's config.json
+    assert p.notes == (f"note: init_from 'hf:openai-community/gpt2': weights from the hub, in {folder}",)

@@ -8,17 +8,13 @@ Provenance and attribution: gpt2_jax/assets/shakespeare.PROVENANCE.md.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
-import json
-import os
 import tarfile
 from importlib import resources
 from typing import Iterator
 
-from gpt2_jax.data import pretraining, shards
+from gpt2_jax.data import cache, pretraining, shards
 
 ASSET = "shakespeare.tar.xz"
 # Whole works go to validation by the hash of their text: 0.16 holds out 4 plays and 3 poems
@@ -26,11 +22,6 @@ ASSET = "shakespeare.tar.xz"
 # Passionate Pilgrim, Rape of Lucrece): 184,175 of 1,566,001 tokens (11.8%).
 VAL_FRACTION = 0.16
 SHARD_SIZE = shards.DEFAULT_SHARD_SIZE
-
-
-def cache_root() -> str:
-    """$GPT2_JAX_CACHE if set, else ~/.cache/gpt2_jax."""
-    return os.environ.get("GPT2_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2_jax")
 
 
 def _asset_bytes() -> bytes:
@@ -49,39 +40,13 @@ def documents(asset: bytes) -> Iterator[tuple[str, str, int, bytes]]:
             yield "text", f"{ASSET}:{m.name}", 1, tar.extractfile(m).read()
 
 
-def _is_ready(out: str, source: dict) -> bool:
-    """meta.json is written last inside the atomically renamed folder, so it marks completion."""
-    try:
-        with open(os.path.join(out, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return meta.get("source") == source and meta.get("meta_version") == shards.META_VERSION
-
-
-@contextlib.contextmanager
-def _locked(path: str):
-    """An exclusive lock so that processes sharing a cache prepare the corpus only once."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def shakespeare_path(workers: int = 1) -> str:
     """The folder of Shakespeare token shards; prepares it on first use (about a second)."""
-    out = os.path.join(cache_root(), "shakespeare")
     asset = _asset_bytes()
-    source = _source(asset)
-    if _is_ready(out, source):
-        return out
-    os.makedirs(cache_root(), exist_ok=True)
-    with _locked(out + ".lock"):
-        if not _is_ready(out, source):
-            settings = pretraining.Settings(val_fraction=VAL_FRACTION)
-            chunks = pretraining.chunked(documents(asset))
-            pretraining.write_dataset(chunks, out, settings=settings, source=source, shard_size=SHARD_SIZE,
-                                   workers=workers, overwrite=True)  # fmt: skip
-    return out
+
+    def build(out: str) -> None:
+        settings = pretraining.Settings(val_fraction=VAL_FRACTION)
+        pretraining.write_dataset(pretraining.chunked(documents(asset)), out, settings=settings, source=_source(asset),
+                                  shard_size=SHARD_SIZE, workers=workers, overwrite=True)  # fmt: skip
+
+    return cache.prepared("shakespeare", _source(asset), build)[0]

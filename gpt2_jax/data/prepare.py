@@ -7,7 +7,8 @@
 
 Every document is preceded by <|endoftext|> (50256). A document goes to the validation split when
 the hash of its text falls below --val_fraction, so the split is deterministic, independent of
-input order and worker count, and identical documents always land on the same side. Shards are
+input order and worker count, and identical documents always land on the same side; when no
+document does (one file, say), the last --val_fraction of the token stream is held out. Shards are
 `train_NNNNNN.bin` / `val_NNNNNN.bin`: 256 little-endian int32 header words [20240520, 1, n_tokens,
 0, ...] then n_tokens uint16 (llm.c / modded-nanogpt format), with `meta.json` beside them.
 This module is the command line only: inputs come from documents.py, pretraining shards from
@@ -38,6 +39,7 @@ from gpt2_jax.data.pretraining import (
     write_dataset,
 )
 from gpt2_jax.data.shards import DEFAULT_SHARD_SIZE, check_out
+from gpt2_jax.data.val_split import describe, tiny_warning
 from gpt2_jax.errors import UserError
 
 
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf_config", metavar="C", help="dataset configuration name")
     p.add_argument("--split", default="train", metavar="S", help="dataset split to read (default: train)")
     p.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION, metavar="F",
-                   help=f"fraction of documents held out for validation (default: {DEFAULT_VAL_FRACTION})")  # fmt: skip
+                   help=f"fraction held out for validation: of the documents, else of the tokens (default: {DEFAULT_VAL_FRACTION})")  # fmt: skip
     p.add_argument("--workers", type=int, default=_cores(), metavar="N",
                    help="tokenizer processes (default: all cores)")  # fmt: skip
     p.add_argument("--doc_mode", choices=DOC_MODES, default="file",
@@ -160,6 +162,19 @@ def _report(meta: dict, out: str, seconds: float) -> str:
     return f"wrote {out}: {'; '.join(parts)}; {mb:.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):.1f} MB/s)"
 
 
+def _notes(meta: dict, val_fraction: float) -> list[str]:
+    """What stderr says about the validation split: its rule when by position, empty or tiny splits."""
+    val, unit = meta["val"], "example" if meta.get("loss_mask") else "document"
+    notes = [f"note: {describe(meta)}"] if meta.get("val_rule") == "positions" else []
+    if val["tokens"] == 0 and val_fraction > 0:  # prompt/completion examples are never cut in two
+        n = meta["train"]["documents"]
+        advice = (f"one {unit} cannot be split; add {unit}s" if n < 2 else
+                  f"add {unit}s or raise --val_fraction (the chance that each goes to validation)")  # fmt: skip
+        notes.append(f"warning: the validation split is empty ({n:,} {unit}(s) at --val_fraction {val_fraction}); {advice}")
+    tiny = tiny_warning(val["tokens"])
+    return notes + ([f"warning: {tiny}"] if tiny else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
@@ -171,10 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
-    if meta["val"]["documents"] == 0 and args.val_fraction > 0:
-        print(f"warning: the validation split is empty ({meta['train']['documents']} document(s) at "
-              f"--val_fraction {args.val_fraction}); use more documents, --doc_mode line|blank_line "
-              "or a larger --val_fraction", file=sys.stderr)  # fmt: skip
+    for line in _notes(meta, args.val_fraction):
+        print(line, file=sys.stderr)
     print(_report(meta, args.out, time.perf_counter() - start))
     return 0
 

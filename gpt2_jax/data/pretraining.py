@@ -2,7 +2,8 @@
 
 Every document is preceded by <|endoftext|> (50256). A document goes to the validation split when
 the hash of its text falls below val_fraction, so the split is deterministic, independent of
-input order and worker count, and identical documents always land on the same side.
+input order and worker count, and identical documents always land on the same side. When that
+leaves validation empty (one document, say), it is the token stream's last val_fraction (val_split.py).
 
     chunks = chunked(documents.text_docs(files, None, "file"))
     meta = write_dataset(chunks, "data/mine", settings=Settings(), source={"input": files}, workers=4)
@@ -19,7 +20,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from gpt2_jax.data import documents, shards
+from gpt2_jax.data import documents, shards, val_split
 from gpt2_jax.errors import UserError
 from gpt2_jax.interop.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
 
@@ -158,18 +159,25 @@ def write_dataset(chunks: Iterable[Chunk], out: str, *, settings: Settings, sour
     A failure (or Ctrl-C) removes everything this call created. Returns the meta dict."""
     with shards.atomic_folder(out, overwrite) as tmp:
         splits, n_bytes = _tokenize_into(tmp, chunks, settings, shard_size, workers, total_bytes)
-        meta = _meta(splits, n_bytes, settings, source, shard_size)
+        _check(splits, n_bytes, settings)
+        rule = val_split.val_rule(splits, settings.val_fraction)
+        if rule == "positions":  # whole documents gave no validation split: never leave it silently empty
+            splits = val_split.by_position(tmp, splits, settings.val_fraction, shard_size)
+        meta = _meta(splits, n_bytes, settings, source, shard_size, rule)
         shards.write_meta(tmp, meta)
     return meta
 
 
-def _meta(splits: dict, n_bytes: int, settings: Settings, source: dict, shard_size: int) -> dict:
+def _check(splits: dict, n_bytes: int, settings: Settings) -> None:
     if splits["train"]["documents"] + splits["val"]["documents"] == 0:
         if n_bytes == 0:
             raise UserError("input is empty (0 bytes)")
         raise UserError("no documents after filtering: every document is empty or whitespace")
     if splits["train"]["documents"] == 0:
         raise UserError(f"no training documents: all went to validation; lower --val_fraction ({settings.val_fraction})")
+
+
+def _meta(splits: dict, n_bytes: int, settings: Settings, source: dict, shard_size: int, rule: str) -> dict:
     from gpt2_jax import __version__
 
     return {
@@ -181,6 +189,7 @@ def _meta(splits: dict, n_bytes: int, settings: Settings, source: dict, shard_si
         "eot_token": EOT_ID,
         "shard_size": shard_size,
         "val_fraction": settings.val_fraction,
+        "val_rule": rule,  # documents (by hash) | positions (the stream's last val_fraction) | none
         "errors": settings.errors,
         "source": source,
         "input_bytes": n_bytes,

@@ -30,6 +30,14 @@ HEADER_BYTES = HEADER_WORDS * 4
 MASK_MAGIC = 20240521
 START, PROMPT, COMPLETION = 2, 0, 1
 META_VERSION = 1
+# Other llm.c files that share the header layout: say what they are rather than "bad magic number".
+OTHER_MAGICS = {
+    20240801: "an llm.c Llama-3 shard (magic 20240801: uint32 token ids of the Llama-3 tokenizer), not GPT-2 "
+    "tokens; this trainer reads GPT-2 shards (magic 20240520, uint16): re-run llm.c's dev/data script with "
+    "-m gpt-2 (its default), or prepare the text with python -m gpt2_jax.prepare",
+    20240522: "an llm.c evaluation file (magic 20240522: HellaSwag / MMLU examples), not a token shard; "
+    "move it out of the data folder",
+}
 DEFAULT_SHARD_SIZE = 100_000_000
 
 
@@ -59,15 +67,28 @@ def mask_header(n_tokens: int) -> bytes:
 # --- reading --------------------------------------------------------------------------------
 
 
+def _shard_name(split: str) -> re.Pattern:
+    """`[PREFIX_]<split>[_DIGITS].bin`: every naming llm.c's dev/data scripts and modded-nanogpt use."""
+    return re.compile(rf"^(?:.*_)?{re.escape(split)}(?:_\d+)?\.bin$")
+
+
+def accepted_names(split: str) -> str:
+    return (f"{split}_NNNNNN.bin (prepare's), PREFIX_{split}_NNNNNN.bin (llm.c's and modded-nanogpt's FineWeb) "
+            f"or PREFIX_{split}.bin (llm.c's tiny_shakespeare_{split}.bin, TinyStories_{split}.bin)")  # fmt: skip
+
+
 def shard_files(path: str, split: str) -> list[str]:
-    """Sorted `[prefix_]<split>_<digits>.bin` files in path (ours: train_000000.bin; llm.c's and
-    modded-nanogpt's: fineweb_train_000001.bin)."""
+    """Sorted shards of one split in path, by any llm.c naming (train_000000.bin,
+    fineweb_train_000001.bin, tiny_shakespeare_train.bin)."""
     if not os.path.isdir(path):
         raise DataError(f"data path {path} is not a folder; make one with python -m gpt2_jax.prepare")
-    pattern = re.compile(rf"^(?:.*_)?{re.escape(split)}_\d+\.bin$")
-    files = sorted(f for f in os.listdir(path) if pattern.match(f))
+    names = sorted(os.listdir(path))
+    files = [f for f in names if _shard_name(split).match(f)]
     if not files:
-        raise DataError(f"no {split} shards ({split}_*.bin) in {path}; make them with python -m gpt2_jax.prepare")
+        others = [f for f in names if f.endswith(".bin")]
+        found = f" (its .bin files: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
+        raise DataError(f"no {split} shards in {path}{found}; accepted names: {accepted_names(split)}; "
+                        "make them with python -m gpt2_jax.prepare")  # fmt: skip
     return [os.path.join(path, f) for f in files]
 
 
@@ -84,6 +105,8 @@ def load_shard(file: str) -> np.ndarray:
     if len(raw) < HEADER_BYTES:
         raise DataError(f"{file}: {size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
     header = np.frombuffer(raw, dtype="<i4")
+    if int(header[0]) in OTHER_MAGICS:
+        raise DataError(f"{file}: {OTHER_MAGICS[int(header[0])]}")
     if header[0] != MAGIC:
         raise DataError(f"{file}: not a token shard (magic number {header[0]}, expected {MAGIC})")
     if header[1] != VERSION:

@@ -34,19 +34,25 @@ class _Source(argparse.Action):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m gpt2_jax.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", action=_Source, dest="workdir", help="training workdir (repeatable)")
-    p.add_argument("--hf", action=_Source, dest="hf", help="Hugging Face model folder (repeatable)")
-    p.add_argument("--step", type=int, help="checkpoint step for --workdir (default: the latest)")
-    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable; '' = unconditional)")
-    p.add_argument("--prompt_file", help="a file with one prompt per line")
-    p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=200, help="0 = off")
-    p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", action=_Source, dest="workdir", metavar="DIR", help="training workdir (repeatable)")
+    p.add_argument("--hf", action=_Source, dest="hf", metavar="DIR", help="Hugging Face model folder (repeatable)")
+    p.add_argument("--step", type=int, metavar="N", help="checkpoint step for --workdir (default: the latest)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable; '' = "
+                   "unconditional: from <|endoftext|>)")
+    p.add_argument("--prompt_file", metavar="FILE", help="a file with one prompt per line")
+    p.add_argument("--max_new_tokens", type=int, default=100, metavar="N",
+                   help="tokens to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy (default %(default)s)")
+    p.add_argument("--top_k", type=int, default=200, metavar="K", help="sample from the K likeliest tokens; 0 = off "
+                   "(default %(default)s)")
+    p.add_argument("--top_p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling; 1 = off (default %(default)s)")
+    p.add_argument("--num_samples", type=int, default=1, metavar="S",
+                   help="samples per prompt and model (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default %(default)s)")
     p.add_argument("--continue_after_eot", action="store_true", help="do not stop at <|endoftext|>")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (default %(default)s)")
     p.set_defaults(sources=None)
     args = p.parse_args(argv)
     if not args.sources:

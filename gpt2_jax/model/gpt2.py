@@ -131,24 +131,26 @@ class Attention(nn.Module):
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
     def _cached_attention(self, q, k, v):
-        # The cache's length L is fixed when it is created (see `init_cache`); T new tokens are
-        # written at `index` and attend to every cached position up to their own.
+        # The cache's length L is fixed when it is created (see `init_cache`); each row b writes its
+        # T new tokens at its own position index[b] and they attend to that row's cached positions
+        # up to their own, so rows holding prompts of different lengths share one batch.
         B, T, H, Dh = q.shape
         cached_k = self.variable("cache", "key", jnp.zeros, (B, T, H, Dh), k.dtype)
         cached_v = self.variable("cache", "value", jnp.zeros, (B, T, H, Dh), v.dtype)
-        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        i, L = index.value, cached_k.value.shape[1]
+        index = self.variable("cache", "index", lambda: jnp.zeros((B,), jnp.int32))
+        i, L = index.value, cached_k.value.shape[1]  # i: (B,)
         _check_cache_room(i, T, L)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+        write = jax.vmap(lambda cache, new, at: jax.lax.dynamic_update_slice_in_dim(cache, new, at, axis=0))
+        cached_k.value = write(cached_k.value, k, i)
+        cached_v.value = write(cached_v.value, v, i)
         index.value = i + T
-        mask = jnp.arange(L)[None, :] <= (i + jnp.arange(T))[:, None]  # (T, L)
-        y = jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask[None, None])
+        mask = jnp.arange(L)[None, None, :] <= (i[:, None] + jnp.arange(T))[:, :, None]  # (B, T, L)
+        y = jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask[:, None])
         # A write past the end is clamped by dynamic_update_slice onto the last cached positions,
         # which would give finite, wrong outputs. Under jit the index is not known on the host, so
-        # a step that does not fit gets NaN outputs, all of them, as does every step after it (the
-        # index only grows): an overflow can never pass for logits.
-        return jnp.where(i + T > L, jnp.nan, y)
+        # a row whose step does not fit gets NaN outputs, all of them, as does every step of that
+        # row after it (its index only grows): an overflow can never pass for logits.
+        return jnp.where((i + T > L)[:, None, None, None], jnp.nan, y)
 
 
 def _check_cache_room(index, tokens: int, length: int) -> None:
@@ -156,8 +158,8 @@ def _check_cache_room(index, tokens: int, length: int) -> None:
     holds (shapes are static), or a concrete index (the module applied outside jit)."""
     if tokens > length:
         raise ValueError(f"{tokens} tokens do not fit the {length}-position KV cache; make a longer one with init_cache")
-    if not isinstance(index, jax.core.Tracer) and int(index) + tokens > length:
-        raise ValueError(f"decoding {tokens} token(s) at position {int(index)} goes past the end of the "
+    if not isinstance(index, jax.core.Tracer) and int(jnp.max(index)) + tokens > length:
+        raise ValueError(f"decoding {tokens} token(s) at position {int(jnp.max(index))} goes past the end of the "
                          f"{length}-position KV cache; make a longer one with init_cache")  # fmt: skip
 
 
@@ -194,8 +196,9 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
     """GPT-2 language model: int32 tokens (B, T) -> float32 logits (B, T, padded_vocab_size).
-    `decode=True` continues from the KV cache in the mutable 'cache' collection (see init_cache);
-    tokens past the cache's end are an error (ValueError, or NaN logits under jit: see Attention).
+    `decode=True` continues from the KV cache in the mutable 'cache' collection (see init_cache),
+    each row from its own position; tokens past the cache's end are an error (ValueError, or NaN
+    logits under jit: see Attention).
     `return_hidden=True` stops before the LM head: the final hidden states (B, T, D) after ln_f,
     in the compute dtype (the chunked loss applies the head itself, a piece at a time)."""
 
@@ -207,11 +210,13 @@ class GPT2(nn.Module):
         B, T = tokens.shape
         wte = self.param("wte", _padded_normal(cfg), (cfg.padded_vocab_size, cfg.n_embd))
         wpe = self.param("wpe", _normal(0.02, (POSITIONS, EMBED)), (cfg.n_positions, cfg.n_embd))
-        start = 0
-        if decode:
-            position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
-            start, position.value = position.value, position.value + T
-        x = wte[tokens] + jax.lax.dynamic_slice_in_dim(wpe, start, T)[None]  # (B, T, D) float32
+        if decode:  # each row continues from its own position (B,)
+            position = self.variable("cache", "position", lambda: jnp.zeros((B,), jnp.int32))
+            positions = position.value[:, None] + jnp.arange(T)  # (B, T)
+            position.value = position.value + T
+            x = wte[tokens] + wpe[positions]  # (B, T, D) float32
+        else:
+            x = wte[tokens] + jax.lax.dynamic_slice_in_dim(wpe, 0, T)[None]  # (B, T, D) float32
         x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         block = Block

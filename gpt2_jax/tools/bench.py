@@ -38,12 +38,18 @@ def parse_args(argv: Sequence[str] | None):
     """(ml_collections config, bench options) from the command line."""
     from gpt2_jax.train import cli as train
 
-    p = ArgumentParser(prog="python -m gpt2_jax.bench", description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first, the first compiles (default 2)")
-    p.add_argument("--compare", choices=["torch"], help="also time HF transformers' GPT-2 in PyTorch")
+    p = ArgumentParser(prog="python -m gpt2_jax.bench", description=__doc__.split("\n")[0], allow_abbrev=False,
+                       usage="%(prog)s --config NAME|FILE[:ARG] [--config.KEY=VALUE ...] [--steps N] [--warmup N] "
+                       "[--compare torch] [--profile DIR]")  # fmt: skip
+    p.add_argument("--config", metavar="NAME|FILE[:ARG]", help="required: the config to time, as train takes it (a "
+                   "packaged name such as tiny or gpt2_124m, or a file such as configs/tiny.py); --config.KEY=VALUE "
+                   "overrides a key (python -m gpt2_jax.train --help lists them)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N",
+                   help="untimed steps first, the first compiles (default %(default)s)")
+    p.add_argument("--compare", choices=["torch"], help="also time HF transformers' GPT-2 in PyTorch (default: off)")
     p.add_argument("--profile", metavar="DIR", help="then trace one more step into DIR (jax.profiler, Perfetto "
-                   "format) and print the ops that took longest")  # fmt: skip
+                   "format) and print the ops that took longest (default: off)")  # fmt: skip
     args, rest = p.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
@@ -52,7 +58,8 @@ def parse_args(argv: Sequence[str] | None):
     if "--workdir" in rest or any(a.startswith("--workdir=") for a in rest):
         raise UserError("bench takes no --workdir: it writes nothing")
     try:  # the trainer's own parsing: same config files, overrides and checks
-        config, _ = train.parse_args(["bench", *rest, "--workdir", "unused"])
+        config_flag = ["--config", args.config] if args.config else []
+        config, _ = train.parse_args(["bench", *config_flag, *rest, "--workdir", "unused"])
     except train.UsageError as e:
         raise UserError(str(e)) from None
     return config, args

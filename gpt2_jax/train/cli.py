@@ -1,7 +1,9 @@
 """CLI: `python -m gpt2_jax.train`, the command line around train_and_evaluate (train/loop.py) and --dry_run.
 
     python -m gpt2_jax.train --config configs/X.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]
+    python -m gpt2_jax.train --config X[:ARG] --workdir DIR      # a packaged config by name, from anywhere
     python -m gpt2_jax.train --config configs/X.py --dry_run     # per-device memory and FLOPs, then exit
+    python -m gpt2_jax.train --config X --help                   # X's value of every key
 
 Several processes (a TPU pod, SLURM, launch/local.sh) join through jax.distributed: from the
 environment, or --coordinator HOST:PORT --num_processes N --process_id I [--coordinator_port P]
@@ -20,14 +22,15 @@ With --dry_run: 0, or 1 if the step does not fit the device's memory.
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
 import sys
+import textwrap
 
 import ml_collections
 
 from gpt2_jax.cli import TRAINING_MEMORY_HINT, out_of_memory
+from gpt2_jax.configs import PRESETS, aliases
+from gpt2_jax.configs import load as config_load
 from gpt2_jax.errors import UserError
 from gpt2_jax.parallel import distributed, sharding
 from gpt2_jax.train.hooks import Diverged
@@ -58,88 +61,106 @@ class UsageError(UserError):
 
 
 def parse_args(argv: list[str], require_workdir: bool = True) -> tuple[ml_collections.ConfigDict, str]:
-    """(config, workdir) from `--config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]`."""
+    """(config, workdir) from `--config NAME|FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]`."""
     from absl import flags
     from ml_collections import config_flags
 
-    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if config_file is None and "--config" in argv[:-1]:
-        config_file = argv[argv.index("--config") + 1]
-    if not config_file:
-        raise UsageError("--config FILE is required, e.g. --config configs/shakespeare.py")
-    if not os.path.isfile(config_file.split(":", 1)[0]):
-        raise UsageError(f"config file {config_file.split(':', 1)[0]} does not exist")
-    _check_override_keys(argv, config_file)
+    spec, argv = _pop_config(argv)
+    if not spec:
+        raise UsageError("--config FILE is required, e.g. --config configs/shakespeare.py (or a packaged config "
+                         f"by name: {', '.join(PRESETS)})")  # fmt: skip
+    try:
+        config = config_load.load(spec)
+    except config_load.ConfigFileError as e:  # one line naming the file (and the line in it)
+        raise UsageError(str(e)) from None
+    _check_override_keys(argv, config)
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file[:arg]", flag_values=fv, lock_config=True, sys_argv=argv)
+    config_flags.DEFINE_config_dict("config", config, "the config", flag_values=fv, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "run folder (metrics, checkpoints)", flag_values=fv)
     try:
         extra = fv(argv)
-        config = fv.config
+    except flags.UnrecognizedFlagError as e:  # nanoGPT's `--max_iters=N`, HF's `--output_dir D`, `--lr`
+        hint = aliases.flag_hint(e.flagname, config_load.flat_keys(config))
+        raise UsageError(f"unknown flag --{e.flagname}{hint or ' (see python -m gpt2_jax.train --help)'}") from None
     except flags.Error as e:
-        where = f"config {config_file}: " if str(e).startswith("flag --config=") else ""
-        raise UsageError(where + _first_line(e)) from None
-    except Exception as e:  # errors raised by the config file's get_config
-        raise UsageError(f"config {config_file}: {_first_line(e)}") from None
+        raise UsageError(_first_line(e)) from None
     if len(extra) > 1:
         raise UsageError(f"unexpected argument {extra[1]!r}")
     if not fv.workdir and require_workdir:
         raise UsageError("--workdir DIR is required")
-    return config, fv.workdir
+    return fv.config, fv.workdir
 
 
-def _load_config(config_file: str) -> ml_collections.ConfigDict:
-    from absl import flags
-    from ml_collections import config_flags
+def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the --config value, argv without it): the config is loaded here, not by absl, so that a
+    name finds the packaged presets and the file's errors say what to fix."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1], argv[:i] + argv[i + 1:]
+        if a == "--config":
+            if i + 1 == len(argv):
+                raise UsageError("--config needs a value: --config NAME or --config FILE[:ARG]")
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+    return None, list(argv)
 
-    argv = ["train", f"--config={config_file}"]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
-    try:
-        fv(argv)
-        return fv.config
-    except Exception as e:
-        raise UsageError(f"config {config_file}: {_first_line(e)}") from None
 
-
-def _check_override_keys(argv: list[str], config_file: str) -> None:
-    """Unknown --config.KEY overrides are errors that name the key (ml_collections' own message
-    for them is a bare KeyError)."""
-    keys = [m.group(1) for a in argv if (m := re.match(r"--?config\.([^=]+)", a))]
-    if not keys:
-        return
-    known = set(_flat_keys(_load_config(config_file)))
-    for key in keys:
+def _check_override_keys(argv: list[str], config: ml_collections.ConfigDict) -> None:
+    """Unknown --config.KEY overrides are errors that name the key and the right one (ml_collections'
+    own message for them is a bare KeyError)."""
+    leaves = config_load.flat_keys(config)
+    known = {".".join(k.split(".")[:i]) for k in leaves for i in range(1, k.count(".") + 2)}  # sections too
+    for key in (m.group(1) for a in argv if (m := re.match(r"--?config\.([^=]+)", a))):
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise UsageError(f"unknown config key {key!r} (--config.{key}){hint}")
-
-
-def _flat_keys(c, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in c.items():
-        keys.append(prefix + k)
-        if isinstance(v, ml_collections.ConfigDict):
-            keys += _flat_keys(v, prefix + k + ".")
-    return keys
+            raise UsageError(f"unknown config key {key!r} (--config.{key}){aliases.key_hint(key, leaves)}")
 
 
 def _first_line(e: BaseException) -> str:
-    """The message on one line; for a wrapped traceback (a config file that raised), its last
-    line, which names the actual error."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    if "Traceback (most recent call last):" in lines:
-        return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
-    return lines[0]
+    return lines[0] if lines else type(e).__name__
+
+
+def usage(config: ml_collections.ConfigDict | None = None, name: str = "") -> str:
+    """--help: the module's docstring, then every config key with its value and meaning (from the
+    key table that base_config is built from), then other tools' names for them."""
+    from gpt2_jax.configs.keys import DEFAULTS, KEYS
+
+    values = dict(DEFAULTS) if config is None else {k: _get(config, k) for k in DEFAULTS}
+    config_help = (f"--config NAME|FILE[:ARG]: a packaged config by name, from any directory ({', '.join(PRESETS)}; "
+                   "configs/NAME.py in a checkout re-exports it), or a file of yours whose get_config(arg) starts "
+                   "from `from gpt2_jax.configs import common; c = common.base_config()`.")  # fmt: skip
+    out = [__doc__.strip(), "", *textwrap.wrap(config_help, 100, break_on_hyphens=False), "",
+           f"Config keys, set with --config.KEY=VALUE ({'values of ' + name if name else 'defaults of the base config'};"
+           " `--config X --help` shows X's):"]  # fmt: skip
+    width = max(len(k) for k in DEFAULTS) + 2
+    for key, _, meaning in KEYS:
+        head = f"  {key:<{width}}{values[key]!r:<12} "
+        out += textwrap.wrap(meaning, 110, initial_indent=head, subsequent_indent=" " * len(head))
+    out += ["", "nanoGPT's and the HF Trainer's names, and what they are here (--workdir is a flag):"]
+    for line in aliases.table():
+        out += textwrap.wrap(line, 110, initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(out)
+
+
+def _get(c: ml_collections.ConfigDict, key: str):
+    for part in key.split("."):
+        c = c[part]
+    return c
+
+
+def _help(argv: list[str]) -> str:
+    """--help, with the values of --config's config when one is given."""
+    spec, _ = _pop_config(argv)
+    return usage(config_load.load(spec), spec) if spec else usage()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(__doc__.strip())
+        try:
+            print(_help([a for a in argv if a not in ("-h", "--help", "-help", "--helpfull")]))
+        except UserError as e:
+            print(f"error: {_first_line(e)}", file=sys.stderr)
+            return 2
         return 0
     dry_run = "--dry_run" in argv
     argv = [a for a in argv if a != "--dry_run"]

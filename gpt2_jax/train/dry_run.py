@@ -9,6 +9,7 @@ reuses the arguments' buffers), and temporaries (activations, gradients, optimiz
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -26,10 +27,12 @@ class Estimate:
     aliased: int  # outputs written into donated arguments
     temporaries: int
     code: int
-    device_memory: int | None  # what the device reports it can hold; None where unknown (CPU)
+    device_memory: int | None  # what the device reports it can hold (CPU: its share of the host's
+    # available RAM); None where unknown
     model_flops_per_step: float  # 6N + attention, per token, x tokens per step (all devices)
     xla_flops: float | None  # XLA's count for one device's program (a loop body counts once)
     compile_seconds: float
+    memory_kind: str = "device memory"  # what device_memory measures, for the report
 
     @property
     def total(self) -> int:
@@ -57,18 +60,43 @@ def estimate(trainer, p: Plan, batch_size: int, grad_accum: int) -> Estimate:
     return Estimate(
         arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes, aliased=mem.alias_size_in_bytes,
         temporaries=mem.temp_size_in_bytes, code=mem.generated_code_size_in_bytes,
-        device_memory=_device_memory(p.mesh.devices.flat[0]),
+        device_memory=_device_memory(p.mesh.devices.flat[0]), memory_kind=_memory_kind(p.mesh.devices.flat[0]),
         model_flops_per_step=flops.flops_per_token(p.model, p.block_size) * batch_size * p.block_size,
         xla_flops=xla_flops, compile_seconds=seconds,
     )  # fmt: skip
 
 
 def _device_memory(device) -> int | None:
+    if device.platform == "cpu":  # XLA:CPU reports no limit; its devices share the host's RAM
+        available = host_available_bytes()
+        return None if available is None else available // jax.local_device_count("cpu")
     try:
         stats = device.memory_stats()
     except Exception:  # not every backend implements it
         return None
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def _memory_kind(device) -> str:
+    if device.platform == "cpu":
+        n = jax.local_device_count("cpu")
+        return f"host RAM (available RAM shared by {n} CPU device{'s' if n > 1 else ''})"
+    return "device memory"
+
+
+def host_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """RAM the host can give without swapping: MemAvailable (Linux), else free pages; None if unknown."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # not every OS names these
+        return None
 
 
 def report(e: Estimate, p: Plan) -> str:
@@ -88,10 +116,10 @@ def report(e: Estimate, p: Plan) -> str:
     if e.device_memory is None:
         lines.append("device memory: not reported by this backend; compare the total with your accelerator's")
     elif e.fits:
-        lines.append(f"fits: {e.total / GIB:.2f} of {e.device_memory / GIB:.2f} GiB device memory")
+        lines.append(f"fits: {e.total / GIB:.2f} of {e.device_memory / GIB:.2f} GiB {e.memory_kind}")
     else:
-        lines.append(f"does NOT fit: needs {e.total / GIB:.2f} GiB per device, the device has "
-                     f"{e.device_memory / GIB:.2f} GiB. " + ADVICE)  # fmt: skip
+        lines.append(f"does NOT fit: needs {e.total / GIB:.2f} GiB per device, there are "
+                     f"{e.device_memory / GIB:.2f} GiB of {e.memory_kind}. " + ADVICE)  # fmt: skip
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""The evaluation hook: at each evaluation step, one eval row from small evaluators (validation loss, ROUGE, a sample).
+"""The evaluation hook: at each evaluation step, one eval row from small evaluators (val and train loss, ROUGE, a sample).
 
 Each evaluator is `evaluator(state) -> (row part, console text)`; Evaluate joins their parts
 into one row of metrics.jsonl and one console message.
@@ -20,6 +20,20 @@ from gpt2_jax.train.metrics import MetricsWriter
 from gpt2_jax.train.trainer import Trainer, to_host
 
 
+def _mean_loss(trainer: Trainer, state, it, n: int) -> tuple[float, int]:
+    """(token-weighted mean loss, tokens) of the eval step over the next `n` batches of `it`."""
+    t = trainer
+    results = to_host([t.eval_fn(state, loader.to_global_batch(next(it), t.eval_batch_sharding)) for _ in range(n)])
+    tokens = sum(float(r["tokens"]) for r in results)
+    return sum(float(r["loss"]) * float(r["tokens"]) for r in results) / max(tokens, 1.0), int(tokens)
+
+
+def _rows(trainer: Trainer) -> tuple[int, int]:
+    """(process index, count) for this process's rows of every eval batch."""
+    p = trainer.p
+    return sharding.process_batch_slice(trainer.eval_batch_sharding, (p.eval_batch_size, p.block_size))
+
+
 class ValidationLoss:
     """Loss over the first `batches` batches of the val split (all of it if <= 0)."""
 
@@ -28,15 +42,32 @@ class ValidationLoss:
 
     def __call__(self, state) -> tuple[dict, str]:
         t, p = self.trainer, self.trainer.p
-        index, count = sharding.process_batch_slice(t.eval_batch_sharding, (p.eval_batch_size, p.block_size))
+        index, count = _rows(t)
         it = loader.make_eval_iterator(p.data_path, block_size=p.block_size, global_batch_size=p.eval_batch_size,
                                        process_index=index, process_count=count, vocab_size=p.model.vocab_size)  # fmt: skip
         n = it.num_batches if self.batches <= 0 else min(self.batches, it.num_batches)
-        results = to_host([t.eval_fn(state, loader.to_global_batch(next(it), t.eval_batch_sharding)) for _ in range(n)])
-        tokens = sum(float(r["tokens"]) for r in results)
-        loss = sum(float(r["loss"]) * float(r["tokens"]) for r in results) / max(tokens, 1.0)
-        row = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(tokens)}
+        loss, tokens = _mean_loss(t, state, it, n)
+        row = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": tokens}
         return row, f"val_loss {loss:.4f}, val_ppl {row['val_ppl']:.2f}"
+
+
+class TrainLoss:
+    """Loss (eval step: no dropout) over `batches` batches of the train split, as nanoGPT reports
+    beside the validation loss: the same shuffled batches at every evaluation, read by an iterator
+    of its own, so the training iterator's position is untouched."""
+
+    def __init__(self, trainer: Trainer, batches: int):
+        self.trainer, self.batches = trainer, batches
+
+    def __call__(self, state) -> tuple[dict, str]:
+        t, p = self.trainer, self.trainer.p
+        index, count = _rows(t)
+        # Another seed than training's: not just the first batches the run trained on.
+        it = loader.make_train_iterator(p.data_path, block_size=p.block_size, global_batch_size=p.eval_batch_size,
+                                        seed=t.c.seed + 1, process_index=index, process_count=count,
+                                        vocab_size=p.model.vocab_size)  # fmt: skip
+        loss, tokens = _mean_loss(t, state, it, self.batches)
+        return {"train_loss": loss, "train_tokens": tokens}, f"train_loss {loss:.4f}"
 
 
 class Rouge:
@@ -96,7 +127,10 @@ def evaluators(trainer: Trainer) -> list:
     """The evaluators this run's config asks for (samples and ROUGE on one process only:
     TODO(multi-host) gather sampled tokens across processes)."""
     c, p = trainer.c, trainer.p
-    out = [ValidationLoss(trainer, c.eval_batches)]
+    n_train = c.eval_batches
+    if n_train <= 0:  # all of val: as many train batches as val has, not the whole train split
+        n_train = math.ceil(loader.num_windows(p.data_path, p.block_size, "val") / p.eval_batch_size)
+    out = [ValidationLoss(trainer, c.eval_batches), TrainLoss(trainer, n_train)]
     single = jax.process_count() == 1
     if c.rouge.path and single:
         from gpt2_jax.data.pairs import read_pairs

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shlex
 from typing import Callable, Iterator
 
 import jax
@@ -99,6 +100,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 wandb_project=config.wandb.project, wandb_name=config.wandb.name, run_config=config.to_dict())  # fmt: skip
             with writer, StopRequest() as stop:
                 writer.print(trainer.describe(state))
+                for note in p.notes:
+                    writer.print(note)
                 if resumed:
                     writer.print(resumed[1])
                 if start >= p.total_steps:
@@ -109,7 +112,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 sync_every = config.log_every  # several processes agree on a stop at these steps
                 loop(trainer.train_fn, state, batches, p.total_steps, hooks,
                      lambda step: stop.agreed(sync=step % sync_every == 0), ckpts.path)  # fmt: skip
+                ckpts.wait()  # the line below names a checkpoint that is on disk
+                writer.print(done_line(workdir, ckpts.path(ckpts.steps()[-1]), config.sample.prompt))
     return summary
+
+
+def done_line(workdir: str, checkpoint: str, prompt: str) -> str:
+    """The run's last console line: where its final checkpoint is and the commands that use it."""
+    text = prompt.strip()  # configs end prompts with a newline; the command stays on one line
+    if not text or "\n" in text:
+        text = "..."
+    prompt = f'"{text}"' if not set(text) & set('"$`\\!') else shlex.quote(text)  # double quotes read best
+    return (f"done: checkpoint {checkpoint}; python -m gpt2_jax.generate --workdir {workdir} --prompt {prompt}; "
+            f"python -m gpt2_jax.export --workdir {workdir} --out {workdir.rstrip('/')}_hf")
 
 
 def _hooks(trainer: Trainer, writer: MetricsWriter, ckpts: Checkpoints, train_it, start: int, summary: dict) -> Hooks:

@@ -10,11 +10,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import jax
 import ml_collections
 
 from gpt2_jax.data import loader as data_lib
+from gpt2_jax.data import val_split
 from gpt2_jax.errors import UserError
 from gpt2_jax.interop import hf
 from gpt2_jax.interop.tokenizer import EOT_ID, get_tokenizer
@@ -25,6 +27,8 @@ from gpt2_jax.train import optim, steps
 BUNDLED = ("shakespeare",)
 # GPT2Config fields that come from the training config even when the shape comes from init_from.
 COMPUTE_FIELDS = ("dropout", "dtype", "remat", "attention", "vocab_pad_multiple", "loss_chunk")
+# The config's model keys that init_from replaces with the source's shape.
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
 
 
 class ConfigError(UserError, ValueError):
@@ -46,6 +50,8 @@ class Plan:
     windows_per_epoch: int  # training windows of block_size tokens in one epoch
     eval_batch_size: int
     prompt: tuple  # token ids that samples continue
+    warmup_steps: int  # c.warmup_steps, clamped to total_steps (a short run warms up over all of it)
+    notes: tuple[str, ...] = ()  # `note: ...` lines for the console: what the plan changed or chose
 
 
 # --- config -> plan ----------------------------------------------------------------------------
@@ -79,21 +85,47 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
     _require(c.peak_flops >= 0, f"peak_flops must be >= 0 (0 = from the device table), got {c.peak_flops}")
 
 
-def _init_source(init_from: str) -> tuple[str | None, str | None]:
-    """(hf_path, workdir_path) named by init_from; both None for 'scratch'."""
+def _init_source(init_from: str) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """(hf_path, workdir_path, notes) named by init_from; paths None for 'scratch'. 'hf:ID' with
+    a hub id (`gpt2`, `org/name`) that is not a local folder is downloaded (or found in the hub
+    cache) through huggingface_hub."""
     if init_from == "scratch":
-        return None, None
+        return None, None, ()
     kind, _, path = init_from.partition(":")
     _require(kind in ("hf", "workdir") and bool(path),
              f"init_from must be 'scratch', 'hf:PATH' or 'workdir:DIR', got {init_from!r}")  # fmt: skip
     path = os.path.expanduser(path)
     if kind == "hf":
-        _require(os.path.isdir(path), f"init_from {init_from!r}: {path} is not a folder; download a model first, "
-                 "e.g. huggingface-cli download gpt2 --local-dir PATH")  # fmt: skip
-        return path, None
+        if os.path.isdir(path):
+            return path, None, ()
+        _require(HUB_ID.fullmatch(path) is not None, f"init_from {init_from!r}: {path} is not a folder; download "
+                 "a model first, e.g. hf download gpt2 --local-dir PATH")  # fmt: skip
+        local = _hub_snapshot(init_from, path)
+        return local, None, (f"note: init_from {init_from!r}: weights from the hub, in {local}",)
     _require(os.path.isdir(os.path.join(path, "checkpoints")),
              f"init_from {init_from!r}: {path} is not a training workdir (no checkpoints/ in it)")  # fmt: skip
-    return None, path
+    return None, path, ()
+
+
+# A hub model id, `name` or `org/name`: what a local path that does not exist is taken for.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json"]  # what hf.load_hf reads
+
+
+def _hub_snapshot(init_from: str, repo_id: str) -> str:
+    """The local folder of hub model `repo_id` (config.json + safetensors only), downloaded unless
+    the hub cache has it; one ConfigError line saying what to run when neither works (offline:
+    HF_HUB_OFFLINE=1, or no network)."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline, unreachable, no such repo, gated: the user's fix is the same
+        offline = constants.HF_HUB_OFFLINE  # HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].removeprefix("Got: ")  # the cause
+        why = "offline mode: HF_HUB_OFFLINE=1" if offline else first
+        raise ConfigError(f"init_from {init_from!r}: not a folder, and the hub is unreachable/offline; download it "
+                          f"with: hf download {repo_id} --local-dir PATH, then init_from=hf:PATH ({why})") from None
 
 
 def _model_config(c: ml_collections.ConfigDict, hf_path: str | None, workdir: str | None = None) -> GPT2Config:
@@ -114,6 +146,14 @@ def _model_config(c: ml_collections.ConfigDict, hf_path: str | None, workdir: st
         raise ConfigError(f"init_from {c.init_from!r}: {e}") from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _shape_notes(c: ml_collections.ConfigDict, model: GPT2Config) -> tuple[str, ...]:
+    """A note naming the config's model keys that init_from's shape overrode (silently, before)."""
+    if c.init_from == "scratch":
+        return ()
+    changed = [f"model.{k} {c.model[k]} -> {getattr(model, k)}" for k in SHAPE_KEYS if c.model[k] != getattr(model, k)]
+    return (f"note: model shape from {c.init_from} overrides {', '.join(changed)}",) if changed else ()
 
 
 def _workdir_config(path: str, **overrides) -> GPT2Config:
@@ -167,9 +207,20 @@ def _check_batch(c: ml_collections.ConfigDict, mesh, rules) -> int:
     return eval_bs
 
 
+def _say(line: str) -> None:
+    if jax.process_index() == 0:  # every process resolves the data; one tells the console
+        print(line, flush=True)
+
+
 def _data_path(c: ml_collections.ConfigDict) -> str:
+    """The folder of shards: data.path's, prepared from text / jsonl on first use, or the bundled corpus's."""
     if c.data.path:
-        return os.path.expanduser(c.data.path)
+        from gpt2_jax.data import resolve
+
+        try:
+            return resolve.shard_folder(os.path.expanduser(c.data.path), say=_say)
+        except UserError as e:
+            raise ConfigError(f"data.path {c.data.path}: {e}") from None
     _require(c.data.bundled in BUNDLED or not c.data.bundled,
              f"data.bundled must be one of {BUNDLED} or '', got {c.data.bundled!r}")  # fmt: skip
     _require(bool(c.data.bundled), "data.path is empty: set --config.data.path=DIR, a folder of token shards "
@@ -181,10 +232,14 @@ def _data_path(c: ml_collections.ConfigDict) -> str:
 
 def _count_windows(path: str, block_size: int, split: str) -> int:
     try:
-        return data_lib.num_windows(path, block_size, split)
+        windows = data_lib.num_windows(path, block_size, split)
     except data_lib.DataError as e:
         hint = "; set --config.eval_every=0 to train without evaluation" if split == "val" else ""
         raise ConfigError(f"{e}{hint}") from None
+    tiny = val_split.tiny_warning(windows * block_size) if split == "val" else None
+    if tiny:  # a perplexity to two decimals from a few hundred tokens should not go without comment
+        _say(f"warning: {tiny}")
+    return windows
 
 
 def _total_steps(c: ml_collections.ConfigDict, windows: int) -> int:
@@ -232,8 +287,9 @@ def plan(c: ml_collections.ConfigDict, data: bool = True) -> Plan:
     skips the data: data_path is '', windows_per_epoch 0 and total_steps c.total_steps."""
     _check_ranges(c)
     _require(c.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
-    hf_path, init_workdir = _init_source(c.init_from)
+    hf_path, init_workdir, notes = _init_source(c.init_from)
     model = _attention(_model_config(c, hf_path, init_workdir))
+    notes += _shape_notes(c, model)
     _require(c.model.block_size <= model.n_positions,
              f"model.block_size ({c.model.block_size}) exceeds the model's {model.n_positions} positions"
              + (" (from init_from)" if hf_path or init_workdir else " (model.n_positions)"))  # fmt: skip
@@ -254,9 +310,11 @@ def plan(c: ml_collections.ConfigDict, data: bool = True) -> Plan:
         if c.eval_every:
             _count_windows(path, c.model.block_size, "val")
         total = _total_steps(c, windows)
-    _require(c.warmup_steps <= total, f"warmup_steps ({c.warmup_steps}) exceeds the {total} training steps")
+    warmup = min(c.warmup_steps, total)
+    if warmup < c.warmup_steps:  # a short (smoke, fine-tune) run of a long recipe: still runs
+        notes += (f"note: warmup_steps {c.warmup_steps} > total_steps {total}; warming up over {total} steps",)
     return Plan(model=model, block_size=c.model.block_size, mesh=mesh, rules=rules, data_path=path,
                 hf_path=hf_path, init_workdir=init_workdir, total_steps=total, windows_per_epoch=windows,
-                eval_batch_size=eval_batch_size, prompt=prompt)  # fmt: skip
+                eval_batch_size=eval_batch_size, prompt=prompt, warmup_steps=warmup, notes=notes)  # fmt: skip
 
 

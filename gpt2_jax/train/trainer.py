@@ -21,10 +21,11 @@ from gpt2_jax.train.plan import COMPUTE_FIELDS, ConfigError, Plan
 SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_pad_multiple")
 
 
-def _optimizer(c: ml_collections.ConfigDict, total_steps: int):
+def _optimizer(c: ml_collections.ConfigDict, p: Plan):
     """The optimizer, wrapped so that a step with a non-finite update leaves the parameters and
-    optimizer moments untouched (the trainer then stops, or skips up to max_bad_steps of them)."""
-    lr_fn = optim.lr_schedule(c.lr, total_steps, c.warmup_steps, c.min_lr_ratio)
+    optimizer moments untouched (the trainer then stops, or skips up to max_bad_steps of them).
+    The schedule uses the plan's warmup (clamped to total_steps), not c.warmup_steps."""
+    lr_fn = optim.lr_schedule(c.lr, p.total_steps, p.warmup_steps, c.min_lr_ratio)
     tx = optim.make_optimizer(lr_fn, weight_decay=c.weight_decay, b1=c.beta1, b2=c.beta2, eps=c.adam_eps,
                               grad_clip=c.grad_clip)  # fmt: skip
     tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
@@ -69,7 +70,7 @@ class Trainer:
     def __init__(self, c: ml_collections.ConfigDict, p: Plan):
         self.c, self.p = c, p
         self.model = GPT2(p.model)
-        self.tx, self.lr_fn = _optimizer(c, p.total_steps)
+        self.tx, self.lr_fn = _optimizer(c, p)
         abstract, specs = steps.abstract_state(self.model, self.tx, self.lr_fn, c.seed)
         self.state_sharding = sharding.logical_to_shardings(specs, p.mesh, p.rules)
         self.abstract_state = abstract_with_shardings(abstract, self.state_sharding)

@@ -1,0 +1,47 @@
+"""GPT-2 medium (350M) from scratch: the 124M recipe with GPT-3's medium learning rate.
+
+    python -m gpt2_jax.train --config gpt2_350m --workdir runs/gpt2_350m --config.data.path=DATA_DIR
+
+DATA_DIR holds token shards: llm.c's FineWeb / OpenWebText .bin files work as they are, or make
+them with `python -m gpt2_jax.prepare`. To fine-tune OpenAI's weights instead of training from
+scratch: --config.init_from=hf:PATH (a Hugging Face folder, e.g. from
+`hf download gpt2-medium --local-dir PATH`) and a smaller lr / total_steps.
+
+Recipe: 0.5M tokens per step (512 x 1024), lr 3e-4 (GPT-3 paper, 350M row) with 700 warmup
+steps and cosine decay to 10%, AdamW betas (0.9, 0.95), weight decay 0.1 on matrices, clip 1.0,
+bfloat16; 30B tokens (as llm.c's 350M run).
+grad_accum 16 gives microbatches of 32 sequences; per device that is 32 / devices
+in the data and fsdp axes. Raise grad_accum (or set model.remat) if memory is short, lower it if
+the devices are idle; the update is the same either way.
+
+Argument: `:tokens=N` trains on about N tokens (default 30e9); total_steps follows.
+"""
+
+from gpt2_jax.configs import common
+
+
+def get_config(arg=None):
+    args = common.parse_arg(arg, tokens=30e9)
+    c = common.base_config()
+    common.set_model(c, "gpt2-medium")
+    c.model.block_size = 1024
+    c.model.remat = "none"
+    c.dtype = "bfloat16"
+    c.batch_size = 512  # x 1024 tokens = 524,288 tokens per step
+    c.grad_accum = 16
+    c.total_steps = common.tokens_to_steps(args.tokens, c)
+    c.lr = 3e-4
+    c.min_lr_ratio = 0.1
+    c.warmup_steps = 700
+    c.weight_decay = 0.1
+    c.beta1, c.beta2 = 0.9, 0.95
+    c.grad_clip = 1.0
+    c.eval_every = 250
+    c.eval_batches = 20
+    c.checkpoint_every = 1000
+    c.log_every = 10
+    c.mesh.data, c.mesh.fsdp = -1, 1
+    c.sample.prompt = "Hello, I'm a language model,"
+    c.sample.length = 64
+    c.lock()
+    return c
