@@ -33,7 +33,8 @@ import numpy as np
 
 COMMON = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
           "word but not what all were we when your can said there use an each which she do how their if will up "
-          "other about out many then them these so some her would make like him into time has look two more").split()  # fmt: skip
+          "other about out many then them these so some her would make like him into time has look two "
+          "more").split()  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -55,8 +56,8 @@ def workload(n: int, seed: int) -> list[str]:
 
 def start_server(folder: str, log: str) -> tuple[subprocess.Popen, str]:
     out = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2_jax.serve", "--hf", folder, "--port", "0", "--max_batch", "16"],
-                            stdout=out, stderr=subprocess.DEVNULL)  # fmt: skip
+    command = [sys.executable, "-m", "gpt2_jax.serve", "--hf", folder, "--port", "0", "--max_batch", "16"]
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL)
     for _ in range(1200):
         assert proc.poll() is None, "the server exited"
         line = open(log).read().split("\n")[0]

@@ -166,11 +166,9 @@ def _run(batch, requests):
     return [r.tokens for r in requests]
 
 
-def test_rows_that_join_between_chunks_generate_what_each_generates_alone(monkeypatch):
-    from gpt2_jax.infer import engine
+def test_rows_that_join_between_chunks_generate_what_each_generates_alone():
     from gpt2_jax.infer.engine import Batch, Request, request_key
 
-    monkeypatch.setattr(engine, "CHUNK_SECONDS", 0.0)  # one step per chunk: rows join and leave mid-flight
     config, params = _model()
     lengths, max_tokens = [2, 5, 9, 3, 12, 1], [10, 6, 14, 8, 5, 9]
     prompts = [_prompt(1, n, seed=n)[0].tolist() for n in lengths]
@@ -186,13 +184,13 @@ def test_rows_that_join_between_chunks_generate_what_each_generates_alone(monkey
     greedy = Sampler(config, params, SamplingConfig(temperature=0))
     for i in (0, 2, 3, 5):
         assert alone[i] == greedy.generate(np.array([prompts[i]]), max_tokens[i], jax.random.key(0))[0]
-    batch = Batch(config, params, max_batch=4)
-    batch.step_seconds = 1.0
+    batch = Batch(config, params, max_batch=4, chunk_seconds=0.0)  # one step per chunk: rows join and leave
+    batch.step_seconds = 1.0  # mid-flight (the first chunk too)
     assert _run(batch, requests()) == alone  # 4 rows at most: the last two wait, then join
     assert batch.peak == 4 and dict(batch.finished) == {"length": 6}
     # the same buckets again, other tokens and seeds: nothing compiles
     prompts[:] = [_prompt(1, n, seed=n + 100)[0].tolist() for n in lengths]
-    batch = Batch(config, params, max_batch=4)
+    batch = Batch(config, params, max_batch=4, chunk_seconds=0.0)
     batch.step_seconds = 1.0
     with compilations() as compiled:
         again = _run(batch, requests(keys=(3, 4)))

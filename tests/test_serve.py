@@ -93,8 +93,8 @@ def greedy(client, prompt, max_tokens, **kw):
 def hf_greedy(reference, prompt: str, max_tokens: int) -> str:
     ids = torch.tensor([get_tokenizer().encode(prompt)])
     with torch.no_grad():
-        new = reference.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=EOT_ID)[0, ids.shape[1] :]
-    return get_tokenizer().decode([t for t in new.tolist() if t != EOT_ID])
+        out = reference.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=EOT_ID)
+    return get_tokenizer().decode([t for t in out[0, ids.shape[1] :].tolist() if t != EOT_ID])
 
 
 @pytest.mark.serve
@@ -113,7 +113,8 @@ def test_greedy_completions_equal_transformers_generate(client, server, referenc
 def test_16_concurrent_requests_return_what_each_returns_alone(client, server):
     requests = [(" ".join(WORDS[: 1 + i]), 4 + (7 * i) % 29, {}) for i in range(16)]
     # two seeded samplers among them (18 > --max_batch 16: some wait, then join between chunks)
-    requests += [(WORDS[3], 30, dict(temperature=0.9, top_p=0.9, seed=5)), (WORDS[5], 12, dict(temperature=1.2, seed=6))]
+    requests += [(WORDS[3], 30, dict(temperature=0.9, top_p=0.9, seed=5)),
+                 (WORDS[5], 12, dict(temperature=1.2, seed=6))]  # fmt: skip
 
     def complete(request):
         prompt, max_tokens, kw = request

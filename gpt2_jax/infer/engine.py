@@ -31,7 +31,10 @@ from gpt2_jax.interop.tokenizer import EOT_ID
 from gpt2_jax.model import GPT2Config, init_cache
 
 CHUNK = 32  # most decode steps per dispatch
-CHUNK_SECONDS = 0.05  # aim for chunks about this long: new requests wait at most about that to join
+# How long a chunk should take, about (its steps follow from the last chunk's time per step): long
+# enough that the host's share per chunk (a dispatch, one copy back) is small, short enough that
+# new requests do not wait long to join. A model whose step alone takes longer runs 1-step chunks.
+CHUNK_SECONDS = 0.02
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,10 +66,13 @@ class Request:
 class Batch:
     """Requests decoding together: the KV cache of `len(slots)` rows on the device, and on the
     host the request each slot holds (None: free). With `exact`, the batch has exactly as many
-    rows as it was given (the Sampler's fixed batches) instead of a power of two."""
+    rows as it was given (the Sampler's fixed batches) instead of a power of two. Each chunk
+    of decode steps aims to take about `chunk_seconds`."""
 
-    def __init__(self, config: GPT2Config, params, max_batch: int, rules: tuple = (), exact: bool = False):
+    def __init__(self, config: GPT2Config, params, max_batch: int, rules: tuple = (), exact: bool = False,
+                 chunk_seconds: float = CHUNK_SECONDS):  # fmt: skip
         self.config, self.params, self.max_batch, self.rules, self.exact = config, params, max_batch, rules, exact
+        self.chunk_seconds = chunk_seconds
         self.slots: list[Request | None] = []
         self.cache, self.length = None, 0
         self.step_seconds = 0.0  # the last chunk's time per decode step
@@ -86,6 +92,10 @@ class Batch:
         the bucket that holds them; each gets its first token."""
         if len(self.active) + len(requests) > self.max_batch:
             raise ValueError(f"{len(self.active)} + {len(requests)} rows exceed the batch's {self.max_batch}")
+        for r in requests:  # past the cache's end a row would decode NaN logits into tokens
+            if not (r.prompt and r.max_tokens >= 1 and r.positions <= self.config.n_positions):
+                raise ValueError(f"a prompt of {len(r.prompt)} tokens and max_tokens {r.max_tokens} do not fit the "
+                                 f"model's {self.config.n_positions} positions")  # fmt: skip
         self._resize(self.active + requests)
         free = [i for i, r in enumerate(self.slots) if r is None]
         groups = collections.defaultdict(list)  # prompts of one bucket prefill together
@@ -106,7 +116,7 @@ class Batch:
         self._resize(self.active)
         if not self.active:
             return
-        steps = CHUNK if not self.step_seconds else int(np.clip(CHUNK_SECONDS / self.step_seconds, 1, CHUNK))
+        steps = CHUNK if not self.step_seconds else int(np.clip(self.chunk_seconds / self.step_seconds, 1, CHUNK))
         start = time.perf_counter()
         self.shapes.add(f"decode {len(self.slots)}x{self.length}")
         self.cache, out = decode._decode(self.params, self.cache, self._rows(self.slots), np.int32(steps),
@@ -235,9 +245,9 @@ class Engine:
     def load(self) -> dict:
         """Requests decoding and waiting now, the batch's rows, the most requests decoding at
         once so far, how many have ended (by finish_reason), and the shapes compiled so far."""
-        b = self.batch
+        b = self.batch  # read from other threads: dict.copy and sorted copy in C, atomically
         return {"active": len(b.active), "waiting": len(self._waiting), "rows": len(b.slots), "peak_active": b.peak,
-                "finished": dict(b.finished), "shapes": sorted(b.shapes)}  # fmt: skip
+                "finished": dict.copy(b.finished), "shapes": sorted(b.shapes)}  # fmt: skip
 
     def _loop(self) -> None:
         while True:

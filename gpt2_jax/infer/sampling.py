@@ -41,6 +41,11 @@ def sample_next(logits, rng, sampling: SamplingConfig):
                        jnp.full(B, sampling.top_k, jnp.int32), jnp.full(B, sampling.top_p, jnp.float32))  # fmt: skip
 
 
+# Nothing joins a Sampler's batch, so its chunks can be long: as long as a terminal that shows the
+# stream may wait between bursts of tokens.
+STREAM_SECONDS = 0.25
+
+
 class Sampler:
     """Greedy or sampled continuations of a batch of prompts, on the decoding engine (engine.py):
     the prompts prefill together, then the token loop runs on the device, a chunk of steps per
@@ -73,7 +78,8 @@ class Sampler:
         s = self.sampling
         requests = [Request(row.tolist(), max_new_tokens, s.temperature, s.top_k, s.top_p, key, stop_at_eot)
                     for row, key in zip(prompt, _row_keys(rng, len(prompt)))]  # fmt: skip
-        batch = Batch(self.config, self.params, len(requests), _current_rules(), exact=True)
+        batch = Batch(self.config, self.params, len(requests), _current_rules(), exact=True,
+                      chunk_seconds=STREAM_SECONDS)  # fmt: skip
         batch.admit(requests)
         sent = 0
         while True:

@@ -158,8 +158,8 @@ def _check_cache_room(index, tokens: int, length: int) -> None:
     holds (shapes are static), or a concrete index (the module applied outside jit)."""
     if tokens > length:
         raise ValueError(f"{tokens} tokens do not fit the {length}-position KV cache; make a longer one with init_cache")
-    if not isinstance(index, jax.core.Tracer) and int(jnp.max(index)) + tokens > length:
-        raise ValueError(f"decoding {tokens} token(s) at position {int(jnp.max(index))} goes past the end of the "
+    if not isinstance(index, jax.core.Tracer) and (last := int(jnp.max(index))) + tokens > length:
+        raise ValueError(f"decoding {tokens} token(s) at position {last} goes past the end of the "
                          f"{length}-position KV cache; make a longer one with init_cache")  # fmt: skip
 
 
