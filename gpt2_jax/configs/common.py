@@ -50,6 +50,38 @@ def set_model(c: ml_collections.ConfigDict, preset: str) -> None:
         c.model[k] = v
 
 
+def gpt2_recipe(arg: str | None, *, model: str, tokens: float, batch_size: int, grad_accum: int, lr: float,
+                remat: str = "none", fsdp: bool = False) -> ml_collections.ConfigDict:
+    """The pretraining recipe the GPT-2 presets share (llm.c's, with GPT-3's learning rates): 1024-token
+    sequences in bfloat16, `:tokens=N` (default `tokens`) setting total_steps, 700 warmup steps and
+    cosine decay to 10%, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0; data parallel, or all-FSDP
+    with `fsdp`. Returns it locked; a preset differs only in the arguments."""
+    args = parse_arg(arg, tokens=tokens)
+    c = base_config()
+    set_model(c, model)
+    c.model.block_size = 1024
+    c.model.remat = remat
+    c.dtype = "bfloat16"
+    c.batch_size = batch_size  # sequences of 1024 tokens per step
+    c.grad_accum = grad_accum
+    c.total_steps = tokens_to_steps(args.tokens, c)
+    c.lr = lr
+    c.min_lr_ratio = 0.1
+    c.warmup_steps = 700
+    c.weight_decay = 0.1
+    c.beta1, c.beta2 = 0.9, 0.95
+    c.grad_clip = 1.0
+    c.eval_every = 250
+    c.eval_batches = 20
+    c.checkpoint_every = 1000
+    c.log_every = 10
+    c.mesh.data, c.mesh.fsdp = (1, -1) if fsdp else (-1, 1)
+    c.sample.prompt = "Hello, I'm a language model,"
+    c.sample.length = 64
+    c.lock()
+    return c
+
+
 def tokens_to_steps(tokens: float, c: ml_collections.ConfigDict) -> int:
     """Optimizer steps that train on about `tokens` tokens with c's batch and block size."""
     return max(1, round(tokens / (c.batch_size * c.model.block_size)))

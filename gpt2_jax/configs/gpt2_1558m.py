@@ -22,27 +22,5 @@ from gpt2_jax.configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, tokens=32e9)
-    c = common.base_config()
-    common.set_model(c, "gpt2-xl")
-    c.model.block_size = 1024
-    c.model.remat = "dots_saveable"
-    c.dtype = "bfloat16"
-    c.batch_size = 1024  # x 1024 tokens = 1,048,576 tokens per step
-    c.grad_accum = 64
-    c.total_steps = common.tokens_to_steps(args.tokens, c)
-    c.lr = 2e-4
-    c.min_lr_ratio = 0.1
-    c.warmup_steps = 700
-    c.weight_decay = 0.1
-    c.beta1, c.beta2 = 0.9, 0.95
-    c.grad_clip = 1.0
-    c.eval_every = 250
-    c.eval_batches = 20
-    c.checkpoint_every = 1000
-    c.log_every = 10
-    c.mesh.data, c.mesh.fsdp = 1, -1
-    c.sample.prompt = "Hello, I'm a language model,"
-    c.sample.length = 64
-    c.lock()
-    return c
+    return common.gpt2_recipe(arg, model="gpt2-xl", tokens=32e9, batch_size=1024, grad_accum=64, lr=2e-4,
+                              remat="dots_saveable", fsdp=True)
