@@ -310,3 +310,12 @@ def test_an_empty_example_split_gives_advice_that_can_work(tmp_path, capsys):
         advice = "one example cannot be split; add examples" if n == 1 else \
             "add examples or raise --val_fraction (the chance that each goes to validation)"  # fmt: skip
         assert rc == 0 and err == f"warning: the validation split is empty ({n} example(s) at --val_fraction 0.001); {advice}\n"
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "doc.txt").write_text("some text\n")
+    assert prepare.main(["--input", str(tmp_path / "doc.txt"), "--out", str(tmp_path / "a_file" / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert not (tmp_path / "a_file").is_dir()

@@ -195,3 +195,19 @@ def test_rows_that_join_between_chunks_generate_what_each_generates_alone():
     with compilations() as compiled:
         again = _run(batch, requests(keys=(3, 4)))
     assert compiled == [] and again != alone
+
+
+def test_a_sampler_batch_keeps_one_shape_while_its_rows_finish_at_different_times():
+    """generate --num_samples and ROUGE run fixed batches (exact=True): rows that finish early
+    idle in place, so the batch decodes in one shape to the end instead of one per row count."""
+    from gpt2_jax.infer.engine import Batch, Request
+
+    config, params = _model()
+    batch = Batch(config, params, max_batch=4, exact=True, chunk_seconds=0.0)
+    batch.step_seconds = 1.0  # one step per chunk, so rows end in different chunks
+    requests = [Request(_prompt(1, 3, seed=i)[0].tolist(), m) for i, m in enumerate((2, 4, 6, 8))]
+    batch.admit(requests)
+    while batch.active:
+        batch.step()
+    assert [len(r.tokens) for r in requests] == [2, 4, 6, 8]
+    assert sorted(s for s in batch.shapes if s.startswith("decode")) == [f"decode 4x{batch.length}"]

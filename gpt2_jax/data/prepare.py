@@ -22,6 +22,7 @@ import os
 import sys
 import time
 
+from gpt2_jax.cli import USER_ERRORS, first_line
 from gpt2_jax.data import pairs
 from gpt2_jax.data.documents import (
     DOC_MODES,
@@ -180,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         meta = run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # UserError, and paths that cannot be made (e.g. --out under a file)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)

@@ -130,7 +130,7 @@ class Batch:
 
     def fail(self, error: BaseException, requests: list[Request]) -> None:
         """End every active request and `requests` with `error`, and start over with an empty batch."""
-        for r in self.active + [r for r in requests if r.finish_reason is None]:
+        for r in dict.fromkeys(self.active + [r for r in requests if r.finish_reason is None]):  # joined: in both
             r.error = f"{type(error).__name__}: {error}"
             self._finish(r, "error")
         self.slots, self.cache, self.length = [], None, 0
@@ -141,6 +141,8 @@ class Batch:
         if not keep:
             self.slots, self.cache, self.length = [], None, 0
             return
+        if self.exact and self.cache is not None:
+            return  # a fixed batch (the Sampler's): finished rows idle in place, one shape to the end
         rows, length = self._rows_for(len(keep)), max(decode.cache_length(self.config, r.positions) for r in keep)
         if (rows, length) == (len(self.slots), self.length):
             return
