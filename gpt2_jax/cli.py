@@ -26,7 +26,8 @@ USER_ERRORS = (UserError, FileExistsError, FileNotFoundError)
 
 
 # What to change when a training step does not fit in device memory.
-TRAINING_MEMORY_HINT = ("lower batch_size or raise grad_accum, or set model.remat=full or model.loss_chunk=256; "
+TRAINING_MEMORY_HINT = ("lower batch_size or raise grad_accum (with microbatch_per_device: lower it), or set "
+                        "model.remat=full or model.loss_chunk=256; "
                         "python -m gpt2_jax.train --dry_run --config ... shows a config's memory before it runs")  # fmt: skip
 
 

@@ -11,6 +11,9 @@
 # If a process fails, the others are stopped (SIGTERM, then SIGKILL after KILL_GRACE seconds)
 # and this script exits with the failed process's status; 0 only if every process exits 0.
 # (SIGKILL matters: JAX catches SIGTERM for its preemption notice and keeps waiting.)
+# SIGTERM or Ctrl-C to this script is passed on as SIGTERM to every process (a trainer stops at
+# a step all of them agree on and saves it; give it KILL_GRACE seconds for the save); the
+# script then exits 143 (SIGTERM) or 130 (SIGINT).
 #
 # Variables (all optional):
 #   DEVICES_PER_PROCESS  CPU devices per process (default 2)
@@ -84,7 +87,13 @@ stop_all() {
   done
   for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
 }
-trap 'echo "local.sh: interrupted; stopping all processes" >&2; stop_all; exit 130' INT TERM
+interrupted() {
+  echo "local.sh: interrupted by SIG$1; stopping all processes" >&2
+  stop_all
+  exit "$2"
+}
+trap 'interrupted INT 130' INT
+trap 'interrupted TERM 143' TERM
 
 start=$SECONDS
 declare -A done_status=()

@@ -86,7 +86,39 @@ def test_gpt2_124m_is_the_llm_c_recipe():
     assert (c.lr, c.warmup_steps, c.min_lr_ratio) == (6e-4, 700, 0.1)
     assert (c.weight_decay, c.beta1, c.beta2, c.grad_clip) == (0.1, 0.9, 0.95, 1.0)
     assert c.dtype == "bfloat16" and c.model.dropout == 0.0 and c.model.vocab_pad_multiple == 128
-    assert c.batch_size % c.grad_accum == 0
+    assert c.grad_accum == 0 and c.batch_size % c.microbatch_per_device == 0  # grad_accum from the devices
+
+
+@pytest.mark.parametrize("name, devices, accum", [
+    ("gpt2_124m", 8, 4), ("gpt2_124m", 4, 8), ("gpt2_124m", 512, 1),  # 16 sequences per device at most
+    ("gpt2_1558m", 8, 64), ("gpt2_1558m", 32, 16), ("gpt2_1558m", 512, 1),  # 2 per device: 1024 / (2 x 512)
+])  # fmt: skip
+def test_presets_derive_grad_accum_from_the_devices(name, devices, accum):
+    """microbatch_per_device fixes what one device runs at once; grad_accum follows, so a preset
+    runs unchanged from 4 to 512 chips (gpt2_1558m's grad_accum 64 was refused beyond 16)."""
+    c = load(name)
+    assert plan_lib._grad_accum(c, devices) == (accum, ())
+    per_device_micro = c.batch_size // accum // devices
+    assert per_device_micro == min(c.microbatch_per_device, c.batch_size // devices)
+
+
+def test_the_plan_derives_grad_accum_and_an_explicit_grad_accum_wins():
+    c = load("gpt2_1558m")  # all FSDP: the 8 CPU devices are data-parallel
+    assert plan_lib.plan(c, data=False).grad_accum == 1024 // (2 * 8)
+    c.grad_accum = 8
+    p = plan_lib.plan(c, data=False)
+    assert p.grad_accum == 8 and "note: grad_accum 8 overrides microbatch_per_device 2" in p.notes
+    c = load("tiny")
+    c.grad_accum, c.microbatch_per_device = 0, 1  # 16 sequences on 8 devices, 1 at a time
+    assert plan_lib.plan(c, data=False).grad_accum == 2
+    c.microbatch_per_device = 3  # 2 per device is not a multiple of 3, but is no more than it: 1 step
+    assert plan_lib.plan(c, data=False).grad_accum == 1
+    c.batch_size = 48  # 6 per device: 2 microbatches of 3
+    assert plan_lib.plan(c, data=False).grad_accum == 2
+    c.batch_size = 32  # 4 per device: not a whole number of 3s
+    with pytest.raises(plan_lib.ConfigError, match=r"32 / 8 = 4 sequences per device is not a multiple of "
+                       r"microbatch_per_device \(3\)"):  # fmt: skip
+        plan_lib.plan(c, data=False)
 
 
 @pytest.mark.parametrize("name, shape", [

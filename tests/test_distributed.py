@@ -56,7 +56,7 @@ def worker(tmp_path):
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "GPT2_JAX_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_", "GPT2_JAX_"))}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), KILL_GRACE="2", **extra)
     return env
 
@@ -142,14 +142,23 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def test_slurm_variables_alone_start_a_two_process_run(worker):
-    """What srun sets for 2 tasks on one node (launch/slurm_gpu.sbatch); no JAX_* settings."""
-    slurm = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
-             "JAX_COORDINATOR_PORT": _free_port(), "JAX_NUM_CPU_DEVICES": "2", "GPT2_JAX_INIT_TIMEOUT": "30"}  # fmt: skip
+# What srun sets for 2 tasks on one node (launch/slurm_gpu.sbatch), and what Open MPI's mpirun sets.
+LAUNCHERS = {
+    "slurm": lambda i: {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+                        "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+    "mpi": lambda i: {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://127.0.0.1:34911", "OMPI_COMM_WORLD_SIZE": "2",
+                      "OMPI_COMM_WORLD_RANK": str(i), "OMPI_COMM_WORLD_LOCAL_RANK": str(i)},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_launcher_variables_alone_start_a_two_process_run(worker, launcher):
+    """No JAX_* settings: jax.distributed.initialize's own cluster detection does the rest."""
+    common = {"JAX_COORDINATOR_PORT": _free_port(), "JAX_NUM_CPU_DEVICES": "2", "GPT2_JAX_INIT_TIMEOUT": "30"}
     procs = [
         subprocess.Popen(
             [sys.executable, str(worker), "ok"],
-            env=_env(SLURM_PROCID=str(i), SLURM_LOCALID=str(i), **slurm),
+            env=_env(**LAUNCHERS[launcher](i), **common),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -163,6 +172,52 @@ def test_slurm_variables_alone_start_a_two_process_run(worker):
             p.kill()
     for i, out in enumerate(outs):
         assert f"RESULT {i} 2 4 22.0 22.0 [0.0, 1.0, 10.0, 11.0]" in out, out
+        assert f"JOINED {i} 2" in out, out
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_env(**env), capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def test_libtpu_without_a_pod_is_one_process():
+    """Where libtpu is installed JAX's detection decides; finding no pod, the run is one process."""
+    proc = _python(
+        """
+        from gpt2_jax.parallel import distributed
+        distributed._tpu_runtime_installed = lambda: True
+        plan = distributed.initialize()
+        import jax
+        print(plan.source, plan.num_processes, jax.process_count(), jax.distributed.is_initialized())
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["single", "1", "1", "False"]
+
+
+def test_starting_after_a_device_was_used_is_one_line():
+    proc = _python(
+        """
+        import sys
+        import jax
+        from gpt2_jax.parallel import distributed
+        jax.devices()
+        try:
+            distributed.initialize(coordinator="127.0.0.1", num_processes=2, process_id=0, port=1)
+        except distributed.DistributedError as e:
+            print(e)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("process 0 of 2 (explicit, coordinator 127.0.0.1:1): could not start the distributed")
+    assert proc.stdout.strip().endswith("call gpt2_jax.parallel.distributed.initialize() first thing in main()")
+    assert len(proc.stdout.strip().splitlines()) == 1
+
+
+def test_no_private_jax_api():
+    """jax._src moves between releases; start-up and preemption use public JAX only."""
+    for module in ("gpt2_jax/parallel/distributed.py", "gpt2_jax/train/preemption.py"):
+        assert "_src" not in (ROOT / module).read_text(), module
 
 
 # --- settings (no processes started) ---------------------------------------------------------
@@ -170,20 +225,24 @@ def test_slurm_variables_alone_start_a_two_process_run(worker):
 
 def test_resolve_sources_and_precedence():
     env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
-    plan = distributed.resolve(environ=env, on_tpu_vm=False)
+    plan = distributed.resolve(environ=env, tpu_runtime=False)
     assert (plan.source, plan.coordinator, plan.num_processes, plan.process_id) == ("explicit", "10.0.0.1:8476", 4, 3)
-    plan = distributed.resolve(process_id=1, port=999, environ=env, on_tpu_vm=False)  # flags win over variables
+    plan = distributed.resolve(process_id=1, port=999, environ=env, tpu_runtime=False)  # flags win over variables
     assert (plan.coordinator, plan.process_id) == ("10.0.0.1:999", 1)
     assert distributed.resolve(coordinator="h:5", num_processes=2, process_id=0, environ={}).coordinator == "h:5"
-    assert not distributed.resolve(num_processes=1, environ=env, on_tpu_vm=True).multi_process
-    assert distributed.resolve(environ={}, on_tpu_vm=False).source == "single"
-    assert distributed.resolve(environ={}, on_tpu_vm=True).source == "tpu"
+    assert not distributed.resolve(num_processes=1, environ=env, tpu_runtime=True).multi_process
+    assert distributed.resolve(environ={}, tpu_runtime=False).source == "single"
+    assert distributed.resolve(environ={}, tpu_runtime=True).source == "tpu"
     slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "8", "SLURM_PROCID": "5",
              "SLURM_LOCALID": "1"}  # fmt: skip
-    plan = distributed.resolve(init_timeout=12, environ=slurm, on_tpu_vm=False)
+    plan = distributed.resolve(init_timeout=12, environ=slurm, tpu_runtime=False)
     assert (plan.source, plan.num_processes, plan.process_id, plan.init_timeout) == ("slurm", 8, 5, 12.0)
-    assert distributed.resolve(environ={**slurm, "SLURM_NTASKS": "1"}, on_tpu_vm=False).source == "single"
-    plan = distributed.resolve(environ={"GPT2_JAX_HEARTBEAT_TIMEOUT": "7.5"}, on_tpu_vm=False)
+    assert distributed.resolve(environ={**slurm, "SLURM_NTASKS": "1"}, tpu_runtime=True).source == "single"
+    mpi = {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.2:1", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "2"}
+    plan = distributed.resolve(environ=mpi, tpu_runtime=False)
+    assert (plan.source, plan.coordinator, plan.num_processes, plan.process_id) == ("mpi", None, 4, 2)
+    assert distributed.resolve(environ={**mpi, "OMPI_COMM_WORLD_SIZE": "1"}, tpu_runtime=False).source == "single"
+    plan = distributed.resolve(environ={"GPT2_JAX_HEARTBEAT_TIMEOUT": "7.5"}, tpu_runtime=False)
     assert plan.heartbeat_timeout == 7.5
 
 
@@ -202,7 +261,7 @@ def test_resolve_sources_and_precedence():
 def test_resolve_errors_are_user_errors(kwargs, message):
     kwargs.setdefault("environ", {})
     with pytest.raises(distributed.DistributedError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        distributed.resolve(on_tpu_vm=False, **kwargs)
+        distributed.resolve(tpu_runtime=False, **kwargs)
     assert issubclass(distributed.DistributedError, UserError)
 
 

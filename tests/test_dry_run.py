@@ -4,6 +4,7 @@ import re
 
 import jax
 import numpy as np
+import pytest
 from runs import tiny
 
 from gpt2_jax.parallel import sharding
@@ -69,3 +70,67 @@ def test_on_cpu_the_step_is_compared_with_the_hosts_available_ram(shards, capsys
     assert train.compile_only(tiny(shards)) == 1
     out = capsys.readouterr().out
     assert "does NOT fit: needs" in out and "GiB of host RAM (available RAM shared by 8 CPU devices)" in out
+
+
+def _last_json(out):
+    import json
+
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_last_line_is_json_with_the_compilers_numbers(shards, capsys):
+    c = tiny(shards)
+    assert train.compile_only(c) == 0
+    row = _last_json(capsys.readouterr().out)
+    assert row["topology"] is None and row["devices"] == 8 and row["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    # the same numbers as a compile of our own: the estimate is the compiler's, not a formula
+    _, e = _per_device_state_bytes(c)
+    assert row["arguments_bytes"] == e.arguments and row["temporaries_bytes"] == e.temporaries
+    assert row["peak_bytes_per_device"] == e.needed == (e.peak or e.total) > 0
+    # on CPU the "HBM" is this device's share of the host's available RAM, which moves between calls
+    assert row["fits"] is (row["peak_bytes_per_device"] <= row["hbm_bytes_per_device"]) and row["compile_s"] > 0
+
+
+def test_topology_names_and_their_chips():
+    from gpt2_jax.parallel import topology
+
+    s = topology.parse("v5p:2x2x1")
+    assert (s.name, s.num_chips, s.libtpu_topology, s.chip.hbm_bytes) == ("v5p:2x2x1", 4, "v5:2x2x1", 95 * 2**30)
+    assert topology.parse("v5litepod:4x4").name == "v5e:4x4" and topology.parse("v6e:2x4").num_chips == 8
+    assert [topology.accelerator_type(topology.parse(n)) for n in ("v5e:2x2", "v5p:2x2x1", "v4:2x2x2", "v6e:2x4")] \
+        == ["v5litepod-4", "v5p-8", "v4-16", "v6e-8"]  # Google Cloud's names (v4 / v5p count TensorCores)
+    for bad, words in (("v9:2x2", "is not a TPU slice"), ("v5e:2x2x1", "has 2 dimensions"), ("v4:2x2", "has 3")):
+        with pytest.raises(topology.TopologyError, match=words):
+            topology.parse(bad)
+
+
+def test_topology_without_libtpu_is_one_error_line(monkeypatch, capsys):
+    from gpt2_jax.parallel import topology
+
+    monkeypatch.setattr(topology, "libtpu_available", lambda: False)
+    assert train.main(["train", "--config", "tiny", "--dry_run", "--topology", "v5e:2x2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['error: --topology v5e:2x2 compiles with libtpu, which is not installed: pip install -e ".[tpu]"']
+    assert train.main(["train", "--config", "tiny", "--topology=v5e:2x2", "--workdir", "/tmp/unused"]) == 2
+    assert "use it with --dry_run" in capsys.readouterr().err
+
+
+def test_the_attention_kernel_follows_the_mesh_not_the_process():
+    """'auto' means splash on a TPU mesh, even traced on a CPU host; a CPU mesh keeps XLA's."""
+    from jax._src.mesh import AbstractDevice  # what a Mesh of TPU devices gives its AbstractMesh
+    from jax.sharding import AbstractMesh, AxisType
+
+    from gpt2_jax.model import GPT2Config, attention, attention_kernel
+
+    cfg = GPT2Config.from_preset("tiny")
+    tpu = AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    mesh = AbstractMesh((4,), ("data",), axis_types=(AxisType.Auto,), abstract_device=tpu)
+    assert attention.platform() == "cpu" and attention_kernel(cfg) == "xla"
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert attention.platform() == "tpu" and attention_kernel(cfg) == "pallas"
+    assert attention.platform(jax.devices()[:2]) == "cpu" and attention_kernel(cfg, "tpu") == "pallas"
+
+
+def test_the_plan_builds_its_mesh_from_the_given_devices(shards):
+    p = plan_lib.plan(tiny(shards, **{"mesh.data": -1}), data=False, devices=jax.devices()[2:6])
+    assert p.mesh.size == 4 and list(p.mesh.devices.flat) == jax.devices()[2:6]

@@ -393,7 +393,7 @@ def test_pallas_splash_attention_equals_xla(mesh_shape):
     ("cuda", dict(dtype="bfloat16", n_embd=60, n_head=4), "xla"),  # head size 15: not a multiple of 8
     ("cuda", dict(dtype="bfloat16", n_embd=1056, n_head=4), "xla"),  # head size 264 > 128
     ("rocm", dict(dtype="bfloat16"), "xla"),
-    ("tpu", dict(dtype="bfloat16"), "xla"),  # splash only by name until it has run on a TPU
+    ("tpu", dict(dtype="bfloat16"), "pallas"),  # splash: lowers through Mosaic for TPU topologies (issue 19)
     ("cpu", dict(dtype="bfloat16"), "xla"),
 ])
 def test_auto_attention_picks_cudnn_only_where_it_runs(where, overrides, kernel):

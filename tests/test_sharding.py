@@ -59,7 +59,8 @@ def test_state_shardings_follow_the_rules_for_params_and_adam_moments():
     p = shard.params
     assert p["wte"].spec == P("tensor", "fsdp")
     assert p["wpe"].spec == P(None, "fsdp")
-    assert p["h_0"]["attn"]["c_attn"]["kernel"].spec == P("fsdp", None)  # qkv kept whole, see DEFAULT_RULES
+    assert p["h_0"]["attn"]["c_attn"]["kernel"].spec == P("fsdp", None, "tensor", None)  # (D, 3, H, Dh): by heads
+    assert p["h_0"]["attn"]["c_attn"]["bias"].spec == P(None, "tensor", None)
     assert p["h_0"]["attn"]["c_proj"]["kernel"].spec == P("tensor", "fsdp")
     assert p["h_0"]["mlp"]["c_fc"]["kernel"].spec == P("fsdp", "tensor")
     assert p["h_0"]["mlp"]["c_fc"]["bias"].spec == P("tensor")
@@ -104,10 +105,60 @@ def test_batch_sharding_splits_rows_over_data_and_fsdp():
 
 
 def test_indivisible_names_the_parameter_and_the_split():
-    mesh = sharding.make_mesh((1, 1, 8))
-    config = GPT2Config.from_preset("tiny", vocab_pad_multiple=1)  # 50257 rows over 8 ways
+    mesh = sharding.make_mesh((2, 1, 4))
+    config = GPT2Config.from_preset("tiny", vocab_pad_multiple=1)  # 50257 rows over 4 ways
     abstract, shard = _state_shardings(mesh, config)
     problems = sharding.indivisible(abstract.params, shard.params)
-    assert problems == ["wte (50257, 64): dimension 50257 is split 8 ways over tensor"]
+    assert problems == ["wte (50257, 64): dimension 50257 is split 4 ways over tensor"]
     ok_abstract, ok_shard = _state_shardings(mesh)
     assert sharding.indivisible(ok_abstract.params, ok_shard.params) == []
+    # head-major c_attn: tensor parallelism splits whole heads, so it must divide n_head (4 here)
+    abstract, shard = _state_shardings(sharding.make_mesh((1, 1, 8)))
+    assert sharding.indivisible(abstract.params, shard.params)[:2] == [
+        "h_0/attn/c_attn/bias (3, 4, 16): dimension 4 is split 8 ways over tensor",
+        "h_0/attn/c_attn/kernel (64, 3, 4, 16): dimension 4 is split 8 ways over tensor"]
+
+
+def _expected_shard_shapes(config: GPT2Config, fsdp: int, tensor: int) -> dict:
+    """Per-device shape of every parameter, by name, written out from the intended division:
+    matrices split by 'tensor' along heads / mlp / vocab and by 'fsdp' along the embedding;
+    vectors over the embedding (LayerNorms, biases) and wpe's positions are not split by 'tensor'."""
+    D, H, Dh, V, P_ = config.n_embd, config.n_head, config.head_dim, config.padded_vocab_size, config.n_positions
+    d, t = D // fsdp, tensor
+    block = {
+        "ln_1/scale": (d,), "ln_1/bias": (d,), "ln_2/scale": (d,), "ln_2/bias": (d,),
+        "attn/c_attn/kernel": (d, 3, H // t, Dh), "attn/c_attn/bias": (3, H // t, Dh),
+        "attn/c_proj/kernel": (D // t, d), "attn/c_proj/bias": (d,),
+        "mlp/c_fc/kernel": (d, 4 * D // t), "mlp/c_fc/bias": (4 * D // t,),
+        "mlp/c_proj/kernel": (4 * D // t, d), "mlp/c_proj/bias": (d,),
+    }  # fmt: skip
+    shapes = {"wte": (V // t, d), "wpe": (P_, d), "ln_f/scale": (d,), "ln_f/bias": (d,)}
+    if config.scan_layers:  # the stacked layer axis is never split
+        return {**shapes, **{f"h/{k}": (config.n_layer, *s) for k, s in block.items()}}
+    return {**shapes, **{f"h_{i}/{k}": s for i in range(config.n_layer) for k, s in block.items()}}
+
+
+def _shard_shapes(abstract_tree, shardings) -> dict:
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract_tree)
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): s.shard_shape(a.shape)
+            for (path, a), s in zip(flat, jax.tree_util.tree_leaves(shardings))}  # fmt: skip
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 4), (2, 2, 2)])
+def test_every_parameter_and_adam_moment_is_divided_as_intended(mesh_shape, scan):
+    config = GPT2Config(vocab_size=500, n_positions=32, n_embd=64, n_layer=2, n_head=4, vocab_pad_multiple=128,
+                        scan_layers=scan)  # fmt: skip
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    abstract, shard = _state_shardings(sharding.make_mesh(mesh_shape, devices), config)
+    expected = _expected_shard_shapes(config, fsdp=mesh_shape[1], tensor=mesh_shape[2])
+    adam = abstract.opt_state[1][0], shard.opt_state[1][0]
+    for name, (tree, shardings) in {"params": (abstract.params, shard.params), "mu": (adam[0].mu, adam[1].mu),
+                                    "nu": (adam[0].nu, adam[1].nu)}.items():  # fmt: skip
+        assert _shard_shapes(tree, shardings) == expected, name
+    if mesh_shape == (1, 1, 4):  # pure tensor parallelism: every matrix but wpe is split 4 ways
+        full = {jax.tree_util.keystr(path, simple=True, separator="/"): a.shape
+                for path, a in jax.tree_util.tree_flatten_with_path(abstract.params)[0]}  # fmt: skip
+        for key, s in _shard_shapes(abstract.params, shard.params).items():
+            if len(s) >= 2 + scan and key != "wpe":
+                assert np.prod(s) * 4 == np.prod(full[key]), key

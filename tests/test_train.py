@@ -205,7 +205,8 @@ INVALID = [
     ({"eval_batch_size": 4, "eval_every": 5}, "eval_batch_size (4) must be divisible by the 8"),
     ({"mesh.data": 3}, "mesh data x fsdp x tensor = 3 x 1 x 1 = 3 but there are 8 devices"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, "only one mesh axis may be -1"),
-    ({"mesh.tensor": 8, "model.vocab_size": 50257, "model.vocab_pad_multiple": 1}, "cannot shard wte (50257, 64)"),
+    ({"mesh.tensor": 2, "mesh.data": -1, "model.vocab_size": 50257, "model.vocab_pad_multiple": 1}, "cannot shard wte (50257, 64)"),
+    ({"mesh.tensor": 8}, "cannot shard h_0/attn/c_attn/bias (3, 4, 16): dimension 4 is split 8 ways"),  # heads
     ({"mesh.rules": (("embed", "model"),)}, "names no mesh axis"),
     ({"data.path": ""}, "data.path is empty"),
     ({"data.path": "/nonexistent/shards"}, "is not a folder"),

@@ -50,20 +50,24 @@ def set_model(c: ml_collections.ConfigDict, preset: str) -> None:
         c.model[k] = v
 
 
-def gpt2_recipe(arg: str | None, *, model: str, tokens: float, batch_size: int, grad_accum: int, lr: float,
-                remat: str = "none", fsdp: bool = False) -> ml_collections.ConfigDict:
+def gpt2_recipe(arg: str | None, *, model: str, tokens: float, batch_size: int, microbatch_per_device: int,
+                lr: float, remat: str = "none", fsdp: bool = False) -> ml_collections.ConfigDict:
     """The pretraining recipe the GPT-2 presets share (llm.c's, with GPT-3's learning rates): 1024-token
     sequences in bfloat16, `:tokens=N` (default `tokens`) setting total_steps, 700 warmup steps and
     cosine decay to 10%, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0; data parallel, or all-FSDP
-    with `fsdp`. Returns it locked; a preset differs only in the arguments."""
+    with `fsdp`; grad_accum follows from `microbatch_per_device` and the device count (grad_accum=0),
+    so the preset runs unchanged on any slice. Returns it locked; a preset differs only in the
+    arguments."""
     args = parse_arg(arg, tokens=tokens)
     c = base_config()
     set_model(c, model)
     c.model.block_size = 1024
     c.model.remat = remat
+    c.model.scan_layers = True  # compile one block, not n_layer of them
     c.dtype = "bfloat16"
     c.batch_size = batch_size  # sequences of 1024 tokens per step
-    c.grad_accum = grad_accum
+    c.grad_accum = 0  # from microbatch_per_device (an explicit --config.grad_accum=N wins)
+    c.microbatch_per_device = microbatch_per_device
     c.total_steps = tokens_to_steps(args.tokens, c)
     c.lr = lr
     c.min_lr_ratio = 0.1

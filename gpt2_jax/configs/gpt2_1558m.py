@@ -10,10 +10,12 @@ scratch: --config.init_from=hf:PATH (a Hugging Face folder, e.g. from
 Recipe: 1M tokens per step (1024 x 1024), lr 2e-4 (GPT-3 paper, 1.3B row) with 700 warmup
 steps and cosine decay to 10%, AdamW betas (0.9, 0.95), weight decay 0.1 on matrices, clip 1.0,
 bfloat16, remat of everything but the weight matmuls; 32B tokens (as llm.c's 1.5B run). All
-FSDP (mesh.fsdp=-1); add mesh.tensor=2 or 4 when FSDP alone leaves too little batch per device.
-grad_accum 64 gives microbatches of 16 sequences; per device that is 16 / devices
-in the data and fsdp axes. Raise grad_accum (or set model.remat) if memory is short, lower it if
-the devices are idle; the update is the same either way.
+FSDP (mesh.fsdp=-1); add mesh.tensor=5 when FSDP alone leaves too little batch per device
+(mesh.tensor must divide the 25 heads).
+microbatch_per_device 2: each data-parallel device runs 2 sequences at a time, and grad_accum
+follows from the device count (batch_size / (2 x devices in the data and fsdp axes); 1 where
+there are more devices than that needs). Lower it (or set model.remat) if memory is short, raise
+it if the devices are idle; the update is the same either way. --config.grad_accum=N overrides.
 
 Argument: `:tokens=N` trains on about N tokens (default 32e9); total_steps follows.
 """
@@ -22,5 +24,5 @@ from gpt2_jax.configs import common
 
 
 def get_config(arg=None):
-    return common.gpt2_recipe(arg, model="gpt2-xl", tokens=32e9, batch_size=1024, grad_accum=64, lr=2e-4,
+    return common.gpt2_recipe(arg, model="gpt2-xl", tokens=32e9, batch_size=1024, microbatch_per_device=2, lr=2e-4,
                               remat="dots_saveable", fsdp=True)

@@ -10,9 +10,10 @@ scratch: --config.init_from=hf:PATH (a Hugging Face folder, e.g. from
 Recipe: 0.5M tokens per step (512 x 1024), lr 3e-4 (GPT-3 paper, 350M row) with 700 warmup
 steps and cosine decay to 10%, AdamW betas (0.9, 0.95), weight decay 0.1 on matrices, clip 1.0,
 bfloat16; 30B tokens (as llm.c's 350M run).
-grad_accum 16 gives microbatches of 32 sequences; per device that is 32 / devices
-in the data and fsdp axes. Raise grad_accum (or set model.remat) if memory is short, lower it if
-the devices are idle; the update is the same either way.
+microbatch_per_device 8: each data-parallel device runs 8 sequences at a time, and grad_accum
+follows from the device count (batch_size / (8 x devices in the data and fsdp axes); 1 where
+there are more devices than that needs). Lower it (or set model.remat) if memory is short, raise
+it if the devices are idle; the update is the same either way. --config.grad_accum=N overrides.
 
 Argument: `:tokens=N` trains on about N tokens (default 30e9); total_steps follows.
 """
@@ -21,4 +22,4 @@ from gpt2_jax.configs import common
 
 
 def get_config(arg=None):
-    return common.gpt2_recipe(arg, model="gpt2-medium", tokens=30e9, batch_size=512, grad_accum=16, lr=3e-4)
+    return common.gpt2_recipe(arg, model="gpt2-medium", tokens=30e9, batch_size=512, microbatch_per_device=8, lr=3e-4)

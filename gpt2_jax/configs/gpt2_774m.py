@@ -11,9 +11,10 @@ Recipe: 0.5M tokens per step (512 x 1024), lr 2.5e-4 (GPT-3 paper, 760M row) wit
 steps and cosine decay to 10%, AdamW betas (0.9, 0.95), weight decay 0.1 on matrices, clip 1.0,
 bfloat16, remat of everything but the weight matmuls; 30B tokens. The mesh is all FSDP
 (mesh.fsdp=-1): the batch is still split over every device, and each holds 1/N of the state.
-grad_accum 32 gives microbatches of 16 sequences; per device that is 16 / devices
-in the data and fsdp axes. Raise grad_accum (or set model.remat) if memory is short, lower it if
-the devices are idle; the update is the same either way.
+microbatch_per_device 4: each data-parallel device runs 4 sequences at a time, and grad_accum
+follows from the device count (batch_size / (4 x devices in the data and fsdp axes); 1 where
+there are more devices than that needs). Lower it (or set model.remat) if memory is short, raise
+it if the devices are idle; the update is the same either way. --config.grad_accum=N overrides.
 
 Argument: `:tokens=N` trains on about N tokens (default 30e9); total_steps follows.
 """
@@ -22,5 +23,5 @@ from gpt2_jax.configs import common
 
 
 def get_config(arg=None):
-    return common.gpt2_recipe(arg, model="gpt2-large", tokens=30e9, batch_size=512, grad_accum=32, lr=2.5e-4,
+    return common.gpt2_recipe(arg, model="gpt2-large", tokens=30e9, batch_size=512, microbatch_per_device=4, lr=2.5e-4,
                               remat="dots_saveable", fsdp=True)

@@ -15,9 +15,12 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("model.vocab_size", 50257, "GPT-2's tokenizer; smaller only for synthetic data"),
     ("model.vocab_pad_multiple", 128, "50257 -> 50304: faster matmuls, divisible by mesh axes"),
     ("model.remat", "none", "recompute activations in the backward: 'none' | 'full' | 'dots_saveable' "
-     "(keep the weight matmuls' outputs)"),
-    ("model.attention", "auto", "'auto' (cuDNN flash attention for bfloat16 on NVIDIA GPUs, else XLA) | 'xla' | "
-     "'cudnn' | 'pallas' (TPU)"),
+     "(keep the weight matmuls' outputs) | 'save_qkv_proj' (keep c_attn's output) | 'save_attn_out' "
+     "(keep c_attn's and the attention's outputs)"),
+    ("model.scan_layers", False, "one nn.scan over stacked layers (compile time independent of depth); "
+     "a checkpoint resumes only with the setting it was written with"),
+    ("model.attention", "auto", "'auto' (the splash kernel on TPUs, cuDNN flash attention for bfloat16 on NVIDIA "
+     "GPUs, else XLA; chosen for the mesh's devices) | 'xla' | 'cudnn' | 'pallas' (TPU splash)"),
     ("model.loss_chunk", 0, "> 0: compute the loss over chunks of this many positions (no full f32 logits)"),
     ("data.path", "", "folder of train_*.bin / val_*.bin token shards (python -m gpt2_jax.prepare, llm.c), or "
      "text / jsonl (a file, folder or glob) tokenized into the cache on first use, reused until it changes"),
@@ -25,7 +28,10 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("batch_size", 512, "global, in sequences, per optimizer step (nanoGPT's batch_size x "
      "gradient_accumulation_steps x GPUs; HF's per_device_train_batch_size x devices x gradient_accumulation_steps)"),
     ("grad_accum", 1, "microbatches per step, accumulated inside one jitted step (each batch_size / grad_accum "
-     "sequences)"),
+     "sequences); 0 = from microbatch_per_device. A value >= 1 wins over microbatch_per_device"),
+    ("microbatch_per_device", 0, "sequences each data-parallel device runs at once (at most: fewer when batch_size / "
+     "devices is smaller); with grad_accum=0, grad_accum = batch_size / (this x data-parallel devices), so a preset "
+     "runs unchanged on 8 or 512 devices; 0 = off"),
     ("total_steps", 1000, "optimizer steps; the cosine schedule ends here"),
     ("num_epochs", 0.0, "> 0: total_steps = num_epochs x training windows / batch_size instead"),
     ("lr", 6e-4, "peak learning rate, reached after warmup_steps"),

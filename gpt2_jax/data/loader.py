@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from typing import NamedTuple
 
 import grain
@@ -38,6 +37,7 @@ from gpt2_jax.data.shards import (
     mask_file,
     shard_files,
 )
+from gpt2_jax.interop import paths
 from gpt2_jax.interop.tokenizer import EOT_ID, VOCAB_SIZE
 
 NUM_THREADS = 2  # threads reading batches ahead of the training step
@@ -135,7 +135,7 @@ class Examples:
 
 def has_masks(path: str, split: str) -> bool:
     """True for prompt/completion data (prepare --completion_field): .mask files beside the shards."""
-    return all(os.path.exists(mask_file(f)) for f in shard_files(path, split))
+    return all(paths.exists(mask_file(f)) for f in shard_files(path, split))
 
 
 def open_split(path: str, split: str, block_size: int, vocab_size: int = VOCAB_SIZE) -> Windows | Examples:

@@ -20,6 +20,7 @@ from typing import Callable
 
 from gpt2_jax.data import cache, documents, pretraining, val_split
 from gpt2_jax.errors import UserError
+from gpt2_jax.interop import paths
 
 VAL_FRACTION = 0.1  # nanoGPT's 90/10: the seeds' one-file users expect that much held out
 RECIPE = 1  # part of the cache key: bump it when what preparation writes changes
@@ -28,7 +29,7 @@ _ONE_WORKER_BYTES = 8_000_000  # below this, spawning tokenizer processes costs 
 
 def is_shard_folder(path: str) -> bool:
     """A folder with meta.json or any .bin file at its top (never text to prepare)."""
-    return os.path.isdir(path) and any(f == "meta.json" or f.endswith(".bin") for f in os.listdir(path))
+    return paths.isdir(path) and any(f == "meta.json" or f.endswith(".bin") for f in paths.listdir(path))
 
 
 def shard_folder(path: str, say: Callable[[str], object] = print) -> str:
@@ -36,6 +37,8 @@ def shard_folder(path: str, say: Callable[[str], object] = print) -> str:
     console lines (what is prepared or reused, the validation rule)."""
     if is_shard_folder(path) or (os.path.isdir(path) and not os.listdir(path)):
         return path  # an empty folder too: the loader's "no shards" error says what it looks for
+    if paths.is_remote(path):
+        raise UserError("on gs:// give a folder of token shards (prepare them locally, then upload the folder)")
     if not glob.has_magic(path) and not os.path.exists(path):
         raise UserError("not found (it is not a folder of token shards, nor a text / jsonl file, folder or glob)")
     files = documents.expand_inputs([path])

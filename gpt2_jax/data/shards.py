@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from gpt2_jax.errors import UserError
+from gpt2_jax.interop import paths
 
 MAGIC = 20240520
 VERSION = 1
@@ -80,16 +81,16 @@ def accepted_names(split: str) -> str:
 def shard_files(path: str, split: str) -> list[str]:
     """Sorted shards of one split in path, by any llm.c naming (train_000000.bin,
     fineweb_train_000001.bin, tiny_shakespeare_train.bin)."""
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise DataError(f"data path {path} is not a folder; make one with python -m gpt2_jax.prepare")
-    names = sorted(os.listdir(path))
+    names = paths.listdir(path)  # local or gs://
     files = [f for f in names if _shard_name(split).match(f)]
     if not files:
         others = [f for f in names if f.endswith(".bin")]
         found = f" (its .bin files: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
         raise DataError(f"no {split} shards in {path}{found}; accepted names: {accepted_names(split)}; "
                         "make them with python -m gpt2_jax.prepare")  # fmt: skip
-    return [os.path.join(path, f) for f in files]
+    return [paths.join(path, f) for f in files]
 
 
 def mask_file(shard: str) -> str:
@@ -97,11 +98,35 @@ def mask_file(shard: str) -> str:
     return shard[: -len(".bin")] + ".mask"
 
 
+class RemoteArray:
+    """A gs:// shard's values, read by byte range on each slice (never the whole object unless
+    asked: `np.asarray` reads it all). Picklable: it holds only the path and shape."""
+
+    def __init__(self, file: str, dtype, offset: int, n: int):
+        self.file, self.dtype, self.offset, self.n = file, np.dtype(dtype), offset, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            return np.asarray(self)[index]
+        a, b, _ = index.indices(self.n)
+        if b <= a:
+            return np.zeros(0, self.dtype)
+        size = self.dtype.itemsize
+        return np.frombuffer(paths.read_bytes(self.file, self.offset + a * size, (b - a) * size), self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[0 : self.n]
+        return out if dtype is None else out.astype(dtype)
+
+
 def load_shard(file: str) -> np.ndarray:
-    """Checks the llm.c header and memory-maps the shard's uint16 tokens."""
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        raw = f.read(HEADER_BYTES)
+    """Checks the llm.c header and memory-maps the shard's uint16 tokens (gs://: a RemoteArray
+    that reads ranges)."""
+    size = paths.size(file)
+    raw = paths.read_bytes(file, 0, HEADER_BYTES)
     if len(raw) < HEADER_BYTES:
         raise DataError(f"{file}: {size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
     header = np.frombuffer(raw, dtype="<i4")
@@ -116,15 +141,18 @@ def load_shard(file: str) -> np.ndarray:
         raise DataError(f"{file}: truncated: its header says {n:,} tokens but the file holds {have:,}")
     if n == 0:
         return np.zeros(0, dtype="<u2")
+    if paths.is_remote(file):
+        return RemoteArray(file, "<u2", HEADER_BYTES, n)
     return np.memmap(file, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
 def load_mask(file: str, n_tokens: int) -> np.ndarray:
     """Memory-maps the uint8 loss mask beside a token shard, checked against the shard's length."""
-    with open(file, "rb") as f:
-        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    header = np.frombuffer(paths.read_bytes(file, 0, HEADER_BYTES), dtype="<i4")
     if len(header) < 3 or header[0] != MASK_MAGIC or header[2] != n_tokens:
         raise DataError(f"{file}: not the loss mask of its {n_tokens:,}-token shard; re-run prepare")
+    if paths.is_remote(file):
+        return RemoteArray(file, np.uint8, HEADER_BYTES, n_tokens)
     return np.memmap(file, dtype=np.uint8, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 

@@ -7,11 +7,12 @@ import os
 import shutil
 import tempfile
 
+import jax
 import numpy as np
 
 from gpt2_jax.errors import UserError
 from gpt2_jax.interop.tokenizer import EOT_ID, save_hf_tokenizer
-from gpt2_jax.model import GPT2Config
+from gpt2_jax.model import GPT2Config, to_layout
 
 _PREFIX = "transformer."
 # Buffers that older checkpoints carry and the model recomputes.
@@ -46,8 +47,10 @@ def _layer_map(i: int) -> dict[str, tuple[str, ...]]:
 
 
 def key_map(config: GPT2Config) -> dict[str, tuple[str, ...]]:
-    """HF tensor name (without `transformer.`) -> path in our params. HF's Conv1D weights are
-    already [in, out], like our kernels, so no tensor is transposed."""
+    """HF tensor name (without `transformer.`) -> path in our unrolled params. HF's Conv1D
+    weights are already [in, out], like our kernels, so no tensor is transposed; c_attn's
+    (D, 3*D) is reshaped to our head-major (D, 3, H, Dh) (the same memory order), and scanned
+    layers are stacked from / unstacked to h.{i} (see to_layout)."""
     mapping = {
         "wte.weight": ("wte",),
         "wpe.weight": ("wpe",),
@@ -221,7 +224,7 @@ def params_from_hf_tensors(config: GPT2Config, tensors: dict[str, np.ndarray]) -
             raise HFFormatError(f"tensor {name!r} has shape {value.shape}, expected {shapes[name]} from config.json")
         _set(params, path, value)
     params["wte"] = _pad_rows(params["wte"], config.padded_vocab_size)
-    return params
+    return to_layout(params, config)
 
 
 def _pad_rows(w: np.ndarray, rows: int) -> np.ndarray:
@@ -256,12 +259,13 @@ def _get(tree, path: tuple[str, ...]):
 
 def params_to_hf_tensors(config: GPT2Config, params) -> dict[str, np.ndarray]:
     """HF tensors (`transformer.` keys, as save_pretrained writes them) from our params;
-    vocab padding rows are trimmed."""
-    tensors = {}
+    vocab padding rows are trimmed; layers unstacked, c_attn flattened to HF's (D, 3*D)."""
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), params)
+    params = to_layout(params, config.replace(scan_layers=False))
+    shapes, tensors = expected_shapes(config), {}
     for name, path in key_map(config).items():
-        value = np.asarray(_get(params, path), dtype=np.float32)
-        if name == "wte.weight":
-            value = value[: config.vocab_size]
+        value = _get(params, path)
+        value = value[: config.vocab_size] if name == "wte.weight" else value.reshape(shapes[name])
         tensors[_PREFIX + name] = np.ascontiguousarray(value)
     return tensors
 

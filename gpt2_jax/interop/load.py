@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import jax
 
 from gpt2_jax.errors import UserError
 from gpt2_jax.interop.checkpoint import Checkpoints
+from gpt2_jax.interop import paths
 from gpt2_jax.interop.hf import load_hf
 from gpt2_jax.model import GPT2Config, abstract_params
 
@@ -26,7 +26,7 @@ def load_workdir(workdir: str, step: int | None = None, placement: jax.sharding.
     each array placed with `placement` (default: this process's first device; inside a training
     run, a replicated sharding of its mesh). `overrides` change the model config (e.g. dtype);
     the attention kernel is chosen for this process's devices, not taken from the training run."""
-    if not os.path.isdir(workdir):
+    if not paths.isdir(workdir):
         raise UserError(f"workdir {workdir} does not exist")
     ckpts = Checkpoints(workdir, create=False)  # reading writes nothing
     steps = ckpts.steps()
@@ -44,7 +44,7 @@ def load_workdir(workdir: str, step: int | None = None, placement: jax.sharding.
 
 
 def load_hf_folder(path: str, **overrides) -> LoadedModel:
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise UserError(f"Hugging Face folder {path} does not exist")
     config, params = load_hf(path, **overrides)
     return LoadedModel(f"hf:{path}", config, jax.device_put(params), None)

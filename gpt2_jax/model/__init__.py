@@ -19,8 +19,12 @@ from gpt2_jax.model.params import (
            count_params,
            init_params,
            logical_axes,
+           stack_layers,
+           to_layout,
+           unstack_layers,
 )
 
 __all__ = ["GPT2Config", "GPT2", "PRESETS", "VOCAB_SIZE", "abstract_params", "attention_kernel", "attention_problem",
            "chunked_loss_sums", "count_params", "cross_entropy", "cross_entropy_sums", "init_cache", "init_params",
-           "lm_head", "logical_axes", "loss_fn", "loss_sums", "platform"]
+           "lm_head", "logical_axes", "loss_fn", "loss_sums", "platform", "stack_layers", "to_layout",
+           "unstack_layers"]

@@ -11,16 +11,29 @@ import jax.numpy as jnp
 from gpt2_jax.model.config import ACT_HEADS, BATCH, LENGTH, GPT2Config
 
 
-def platform() -> str:
-    """'cuda', 'rocm', 'tpu' or 'cpu': what this process's default devices are."""
-    backend = jax.default_backend()
-    if backend != "gpu":
-        return backend
-    return "cuda" if "cuda" in jax.local_devices()[0].client.platform_version.lower() else "rocm"
+def platform(devices=None) -> str:
+    """'cuda', 'rocm', 'tpu' or 'cpu': the platform of `devices`, else of the current mesh (set
+    with jax.set_mesh; readable while tracing), else of this process's default devices. A step
+    compiled for a TPU topology from a CPU host so follows the topology, not the host."""
+    if devices is not None:
+        device = next(iter(devices))
+        return _gpu_vendor(device.platform, device.device_kind, device)
+    abstract = jax.sharding.get_abstract_mesh()
+    if not abstract.empty and abstract.abstract_device is not None:
+        return _gpu_vendor(abstract.abstract_device.platform, abstract.abstract_device.device_kind)
+    return _gpu_vendor(jax.default_backend(), "", jax.local_devices()[0])
+
+
+def _gpu_vendor(name: str, kind: str, device=None) -> str:
+    if name != "gpu":
+        return name
+    if device is not None and getattr(device, "client", None) is not None:
+        kind = device.client.platform_version
+    return "rocm" if any(w in kind.lower() for w in ("rocm", "amd", "instinct")) else "cuda"
 
 
 def attention_problem(config: GPT2Config, kernel: str, where: str | None = None) -> str | None:
-    """Why `kernel` cannot run `config` on platform `where` (default: this process's), or None.
+    """Why `kernel` cannot run `config` on platform `where` (default: platform()'s), or None.
     Off TPU 'pallas' runs, in interpret mode: fine for tests, far too slow to train with."""
     here = where is None
     where = where or platform()
@@ -39,11 +52,15 @@ def attention_problem(config: GPT2Config, kernel: str, where: str | None = None)
 
 
 def attention_kernel(config: GPT2Config, where: str | None = None) -> str:
-    """The kernel config.attention stands for on platform `where` (default: this process's).
-    'auto' is cuDNN's flash attention where it runs (bfloat16 on NVIDIA GPUs) and XLA's
-    otherwise; on TPUs too, until the splash kernel ('pallas') has been checked on one."""
+    """The kernel config.attention stands for on platform `where` (default: platform()'s).
+    'auto' is the splash kernel on TPUs (it lowers through Mosaic for a TPU topology, and its
+    numbers match XLA's in interpret mode: tests/test_model.py, tests/test_tpu_compile.py),
+    cuDNN's flash attention where it runs (bfloat16 on NVIDIA GPUs), and XLA's otherwise."""
     if config.attention != "auto":
         return config.attention
+    where = where or platform()
+    if where == "tpu":
+        return "pallas"
     return "xla" if attention_problem(config, "cudnn", where) else "cudnn"
 
 
@@ -66,7 +83,7 @@ def splash_attention(q, k, v):  # (B, T, H, Dh) each -> (B, T, H, Dh)
         sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)  # fmt: skip
         kernel = splash.make_splash_mha(masks.MultiHeadMask([masks.CausalMask((T, T))] * H), block_sizes=sizes,
-                                        head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu")  # fmt: skip
+                                        head_shards=1, q_seq_shards=1, interpret=platform() != "tpu")  # fmt: skip
         scale = jnp.asarray(1.0 / math.sqrt(Dh), q.dtype)  # the kernel does not scale the scores
         one = lambda q, k, v: kernel(q.swapaxes(0, 1) * scale, k.swapaxes(0, 1), v.swapaxes(0, 1)).swapaxes(0, 1)  # noqa: E731
         return jax.vmap(one)(q, k, v)

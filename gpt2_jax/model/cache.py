@@ -30,6 +30,8 @@ def _cache_shapes(config: GPT2Config, batch_size: int, length: int) -> dict:
 
 
 # Leaves holding each row's next position (B,); every other leaf is keys or values (B, L, H, Dh).
+# With scanned layers (config.scan_layers) the blocks' leaves, under `h`, have a leading layer
+# axis: (n_layer, B) and (n_layer, B, L, H, Dh).
 _POSITION_LEAVES = ("index", "position")
 
 
@@ -37,12 +39,25 @@ def _is_position(path) -> bool:
     return getattr(path[-1], "key", None) in _POSITION_LEAVES
 
 
+def _batch_axis(path) -> int:
+    return 1 if getattr(path[0], "key", None) == "h" else 0
+
+
+def _pad_length(x, length: int, axis: int):
+    """`x` with its length axis `axis` padded with empty positions up to `length`."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
 def set_positions(cache: dict, positions) -> dict:
     """The cache with row b's next token going to position positions[b] (B,). Rows prefilled with
     right-padded prompts continue after their own last token: the padding is overwritten, and
     masked until then."""
     positions = jnp.asarray(positions, jnp.int32)
-    return jax.tree_util.tree_map_with_path(lambda path, x: positions if _is_position(path) else x, cache)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.broadcast_to(positions, x.shape) if _is_position(path) else x, cache
+    )
 
 
 def insert_rows(cache: dict, rows: dict, slots) -> dict:
@@ -50,9 +65,10 @@ def insert_rows(cache: dict, rows: dict, slots) -> dict:
     included; a slot outside [0, B) is skipped (a padding row of `rows`)."""
 
     def put(path, big, small):
+        ax = _batch_axis(path)
         if not _is_position(path):  # (k, P, ...) -> (k, L, ...): positions past P start empty
-            small = jnp.pad(small, [(0, 0), (0, big.shape[1] - small.shape[1])] + [(0, 0)] * (small.ndim - 2))
-        return big.at[slots].set(small, mode="drop")
+            small = _pad_length(small, big.shape[ax + 1], ax + 1)
+        return big.at[(slice(None),) * ax + (slots,)].set(small, mode="drop")
 
     return jax.tree_util.tree_map_with_path(put, cache, rows)
 
@@ -62,11 +78,12 @@ def take_rows(cache: dict, rows, length: int) -> dict:
     positions (cut or padded with empty ones: the caller keeps every row's tokens inside)."""
 
     def take(path, x):
-        x = jnp.take(x, rows, axis=0)
+        ax = _batch_axis(path)
+        x = jnp.take(x, rows, axis=ax)
         if _is_position(path):
             return x
-        if length <= x.shape[1]:
-            return x[:, :length]
-        return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+        if length <= x.shape[ax + 1]:
+            return jax.lax.slice_in_dim(x, 0, length, axis=ax + 1)
+        return _pad_length(x, length, ax + 1)
 
     return jax.tree_util.tree_map_with_path(take, cache)

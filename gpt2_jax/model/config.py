@@ -17,6 +17,7 @@ BATCH, LENGTH = "batch", "length"
 ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_VOCAB = "act_embed", "act_heads", "act_mlp", "act_vocab"
 EMBED, HEADS, HEAD_DIM, QKV, MLP_DIM, VOCAB = "embed", "heads", "head_dim", "qkv", "mlp", "vocab"
 POSITIONS = "positions"
+LAYERS = "layers"  # the stacked-layer axis of scanned parameters (config.scan_layers); never sharded
 
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "pallas")
 
@@ -24,7 +25,11 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Named activations (checkpoint_name tags in gpt2.py's Attention): save these, recompute the rest.
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("qkv_proj", "attn_out"),
 }
+RematPolicy = Literal["none", "full", "dots_saveable", "save_qkv_proj", "save_attn_out"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +45,13 @@ class GPT2Config:
     dropout: float = 0.0  # embedding, attention-probability and residual dropout (HF's *_pdrop)
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
     attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"  # see Attention and attention_kernel
-    remat: Literal["none", "full", "dots_saveable"] = "none"
+    remat: RematPolicy = "none"  # see REMAT_POLICIES
     vocab_pad_multiple: int = 1  # 128 pads 50257 -> 50304 for faster matmuls
     loss_chunk: int = 0  # > 0: the loss computes logits this many positions at a time (see chunked_loss_sums)
+    # One nn.scan over stacked layers (params under `h`, leading axis n_layer) instead of h_0 ...
+    # h_{L-1}: compile time independent of depth. Off here, so a saved config without the field
+    # (checkpoints before it existed) still means unrolled; the GPT-2 training presets turn it on.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.n_embd % self.n_head:

@@ -7,6 +7,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from gpt2_jax.model.attention import SPLASH_BLOCK, attention_kernel, splash_attention
 from gpt2_jax.model.config import (
@@ -18,6 +19,7 @@ from gpt2_jax.model.config import (
     EMBED,
     HEAD_DIM,
     HEADS,
+    LAYERS,
     LENGTH,
     MLP_DIM,
     POSITIONS,
@@ -37,27 +39,22 @@ def _constant(value: float, names: tuple):
 
 
 class Conv1D(nn.Module):
-    """HF's Conv1D (a Dense whose kernel is [in, out]). `out_shape` splits the output features
-    (e.g. (3, heads, head_dim) for the fused qkv) so each piece gets its own logical axis."""
+    """HF's Conv1D (a Dense whose kernel is [in, *out]). `features` may be a shape: c_attn's
+    kernel is stored head-major (D, 3, H, Dh), so tensor parallelism divides it by heads (HF's
+    (D, 3*D) is the same memory order; interop/hf.py reshapes on the way in and out)."""
 
-    features: int
-    kernel_axes: tuple  # logical names of the stored [in, out] kernel
-    out_shape: tuple = ()  # optional view of the `features` dimension
-    out_axes: tuple = ()  # logical names of that view, used as a sharding constraint
+    features: int | tuple
+    kernel_axes: tuple  # logical names of the stored kernel: (in, *out); the bias takes (*out)
     std: float = 0.02
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):  # (..., in) -> (..., features) or (..., *out_shape)
-        kernel = self.param("kernel", _normal(self.std, self.kernel_axes), (x.shape[-1], self.features))
-        bias = self.param("bias", _constant(0.0, self.kernel_axes[1:]), (self.features,))
-        kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
-        if self.out_shape:
-            kernel = kernel.reshape(kernel.shape[0], *self.out_shape)
-            kernel = nn.with_logical_constraint(kernel, (self.kernel_axes[0], *self.out_axes))
-            bias = bias.reshape(self.out_shape)
-        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=1)
-        return y + bias
+    def __call__(self, x):  # (..., in) -> (..., *features)
+        out = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        kernel = self.param("kernel", _normal(self.std, self.kernel_axes), (x.shape[-1], *out))
+        bias = self.param("bias", _constant(0.0, self.kernel_axes[1:]), out)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=1)
+        return y + bias.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -99,10 +96,8 @@ class Attention(nn.Module):
     def __call__(self, x, deterministic: bool, decode: bool = False):  # (B, T, D) -> (B, T, D)
         cfg = self.config
         H, Dh = cfg.n_head, cfg.head_dim
-        qkv = Conv1D(
-            3 * cfg.n_embd, (EMBED, QKV), (3, H, Dh), (None, HEADS, HEAD_DIM),
-            dtype=cfg.compute_dtype, name="c_attn",
-        )(x)  # (B, T, 3, H, Dh)
+        qkv = Conv1D((3, H, Dh), (EMBED, QKV, HEADS, HEAD_DIM), dtype=cfg.compute_dtype, name="c_attn")(x)
+        qkv = checkpoint_name(qkv, "qkv_proj")  # (B, T, 3, H, Dh)
         qkv = nn.with_logical_constraint(qkv, (BATCH, LENGTH, None, ACT_HEADS, None))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, Dh)
         kernel = attention_kernel(cfg)
@@ -115,7 +110,7 @@ class Attention(nn.Module):
         else:
             impl = "cudnn" if kernel == "cudnn" else "xla"
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-        y = nn.with_logical_constraint(y, (BATCH, LENGTH, ACT_HEADS, None))
+        y = checkpoint_name(nn.with_logical_constraint(y, (BATCH, LENGTH, ACT_HEADS, None)), "attn_out")
         y = y.reshape(*y.shape[:2], cfg.n_embd)  # (B, T, D)
         y = Conv1D(cfg.n_embd, (HEADS, EMBED), std=_residual_std(cfg), dtype=cfg.compute_dtype, name="c_proj")(y)
         return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
@@ -182,16 +177,43 @@ def _residual_std(cfg: GPT2Config) -> float:
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; the residual stream stays float32."""
+    """Pre-LayerNorm transformer block; the residual stream stays float32. `scanned`: the body
+    of nn.scan (see `layers`), returning (x, None) as a scan carry."""
 
     config: GPT2Config
+    scanned: bool = False
 
     @nn.compact
     def __call__(self, x, deterministic: bool, decode: bool = False):  # (B, T, D) float32
         cfg = self.config
         x = x + Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), deterministic, decode).astype(jnp.float32)
         x = x + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), deterministic).astype(jnp.float32)
-        return nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
+        x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
+        return (x, None) if self.scanned else x
+
+
+def _block(cfg: GPT2Config, decode: bool):
+    """Block, rematerialised in the backward pass as config.remat says (never while decoding)."""
+    if cfg.remat == "none" or decode:
+        return Block
+    # Inside a scan the loop already keeps XLA from merging recomputation with the forward pass.
+    return nn.remat(Block, static_argnums=(2, 3), policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+def layers(cfg: GPT2Config, x, deterministic: bool, decode: bool):
+    """The n_layer blocks: unrolled (parameters h_0 ... h_{L-1}), or with config.scan_layers one
+    nn.scan over a block whose parameters (and KV cache) are stacked on a leading 'layers' axis
+    under `h`, so the step compiles one block whatever the depth."""
+    block = _block(cfg, decode)
+    if not cfg.scan_layers:
+        for i in range(cfg.n_layer):
+            x = block(cfg, name=f"h_{i}")(x, deterministic, decode)
+        return x
+    scan = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer,
+                   metadata_params={nn.PARTITION_NAME: LAYERS})  # fmt: skip
+    x, _ = scan(cfg, scanned=True, name="h")(x, deterministic, decode)
+    return x
 
 
 class GPT2(nn.Module):
@@ -212,6 +234,8 @@ class GPT2(nn.Module):
         wpe = self.param("wpe", _normal(0.02, (POSITIONS, EMBED)), (cfg.n_positions, cfg.n_embd))
         if decode:  # each row continues from its own position (B,)
             position = self.variable("cache", "position", lambda: jnp.zeros((B,), jnp.int32))
+            if (length := _cache_length(self)) is not None:  # here too: inside nn.scan every index is traced
+                _check_cache_room(position.value, T, length)
             positions = position.value[:, None] + jnp.arange(T)  # (B, T)
             position.value = position.value + T
             x = wte[tokens] + wpe[positions]  # (B, T, D) float32
@@ -219,15 +243,19 @@ class GPT2(nn.Module):
             x = wte[tokens] + jax.lax.dynamic_slice_in_dim(wpe, 0, T)[None]  # (B, T, D) float32
         x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        block = Block
-        if cfg.remat != "none" and not decode:
-            block = nn.remat(Block, static_argnums=(2, 3), policy=REMAT_POLICIES[cfg.remat])
-        for i in range(cfg.n_layer):
-            x = block(cfg, name=f"h_{i}")(x, deterministic, decode)
+        x = layers(cfg, x, deterministic, decode)
         x = _layer_norm(cfg, "ln_f")(x)
         if return_hidden:
             return x
         return lm_head(x, wte, cfg)
+
+
+def _cache_length(model: nn.Module) -> int | None:
+    """Positions the KV cache holds (None while it is being created): keys are (B, L, H, Dh) per
+    layer, with a leading layer axis when scanned."""
+    cache = model.variables.get("cache", {})
+    layer = cache.get("h", cache.get("h_0"))
+    return None if layer is None else layer["attn"]["key"].shape[-3]
 
 
 def lm_head(x, wte, cfg: GPT2Config):

@@ -1,4 +1,4 @@
-"""Joins this process to a multi-process JAX run (flags, JAX_* variables, SLURM or a TPU pod); alone it does nothing.
+"""Joins this process to a multi-process JAX run (flags, JAX_* variables, SLURM, Open MPI or a TPU pod); alone it does nothing.
 
     argv, kw = distributed.pop_flags(sys.argv)   # --coordinator, --num_processes, --process_id, ...
     distributed.initialize(**kw)                  # before anything touches a JAX device
@@ -8,13 +8,16 @@
 Where the settings come from, first match wins:
   1. arguments / flags, then JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
      (what launch/local.sh sets); `--num_processes 1` forces a single process;
-  2. SLURM inside `srun` (SLURM_NTASKS > 1): JAX derives the coordinator from the node list;
-  3. a Cloud TPU VM: JAX reads the pod's metadata (one process per host);
+  2. SLURM inside `srun` (SLURM_NTASKS > 1) or Open MPI's `mpirun` (OMPI_COMM_WORLD_SIZE > 1):
+     jax.distributed.initialize()'s own cluster detection finds the coordinator, count and id;
+  3. libtpu installed on a machine with Google PCI devices: JAX's detection reads a Cloud TPU
+     pod's metadata (one process per host); where it finds no pod, one process;
   4. otherwise one process: nothing to do.
 The coordinator port is `--coordinator_port` / JAX_COORDINATOR_PORT (default 8476 where the
 address has none); timeouts are `--init_timeout` / GPT2_JAX_INIT_TIMEOUT (seconds for every
 process to join, default 300) and `--heartbeat_timeout` / GPT2_JAX_HEARTBEAT_TIMEOUT (seconds
-of silence after which a process counts as dead and the others stop, default 100).
+of silence after which a process counts as dead and the others stop, default 100); both go to
+jax.distributed.initialize (initialization_timeout, heartbeat_timeout_seconds).
 
 JAX's own failure on a missed join is a C++ abort with a stack trace; a watchdog here turns it
 into one line naming the process, `error: process 1 of 2 ...`, and exit status 2.
@@ -23,12 +26,15 @@ into one line naming the process, `error: process 1 of 2 ...`, and exit status 2
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
 import os
 import re
 import sys
 import threading
 import traceback
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from gpt2_jax.errors import UserError
 
@@ -38,7 +44,11 @@ DEFAULT_HEARTBEAT_TIMEOUT = 100.0
 # JAX's own join deadline is set past ours, so the watchdog's clear message comes first.
 _JAX_DEADLINE_MARGIN_S = 10
 
+# What JAX's SLURM / Open MPI detection reads; we only look at the process count.
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_OMPI_VARS = ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips, but also the gVNIC of every GCE VM: the device id tells
+_TPU_PCI_DEVICES = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}  # v3 ... TPU7x (as JAX lists them)
 
 
 class DistributedError(UserError):
@@ -47,8 +57,9 @@ class DistributedError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How this process runs. source: 'single' | 'explicit' | 'slurm' | 'tpu'. Fields JAX
-    detects itself (TPU, the SLURM coordinator) are None until initialize() returns."""
+    """How this process runs. source: 'single' | 'explicit' | 'slurm' | 'mpi' | 'tpu'. With a
+    detected source JAX finds the settings itself: the count and id are filled in once
+    initialize() returns; the coordinator stays None (JAX does not publish it)."""
 
     source: str
     coordinator: str | None = None
@@ -80,7 +91,7 @@ def resolve(
     init_timeout: float | None = None,
     heartbeat_timeout: float | None = None,
     environ: Mapping[str, str] | None = None,
-    on_tpu_vm: bool | None = None,
+    tpu_runtime: bool | None = None,
 ) -> Plan:
     """The Plan for these settings and this environment; raises DistributedError if they disagree."""
     env = os.environ if environ is None else environ
@@ -103,10 +114,14 @@ def resolve(
         return Plan("single", num_processes=1, process_id=0, **timeouts)
     if coordinator or num_processes is not None or process_id is not None:
         return _explicit(coordinator, num_processes, process_id, port, timeouts)
-    if all(v in env for v in _SLURM_VARS) and _int("SLURM_NTASKS", None, env, "SLURM_NTASKS", 1) > 1:
-        n = _int("SLURM_NTASKS", None, env, "SLURM_NTASKS", 1)
-        return Plan("slurm", None, n, _int("SLURM_PROCID", None, env, "SLURM_PROCID", 0), **timeouts)
-    if _on_tpu_vm() if on_tpu_vm is None else on_tpu_vm:
+    for source, names in (("slurm", _SLURM_VARS), ("mpi", _OMPI_VARS)):
+        if all(v in env for v in names):
+            count, rank = names[2:4] if source == "slurm" else names[1:3]
+            n = _int(count, None, env, count, 1)
+            if n > 1:  # one task (an `salloc` shell, `srun -n1`) needs no distributed runtime
+                return Plan(source, None, n, _int(rank, None, env, rank, 0), **timeouts)
+            return Plan("single", num_processes=1, process_id=0, **timeouts)
+    if _tpu_runtime_installed() if tpu_runtime is None else tpu_runtime:
         return Plan("tpu", **timeouts)
     return Plan("single", num_processes=1, process_id=0, **timeouts)
 
@@ -159,13 +174,22 @@ def _seconds(name, value, env, var, default) -> float:
     return float(value)
 
 
-def _on_tpu_vm() -> bool:
-    try:  # set by `import jax` when libtpu and TPU chips are present
-        from jax._src import cloud_tpu_init
-
-        return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
-    except Exception:  # a JAX without this module: no auto-detection, flags still work
+def _tpu_runtime_installed() -> bool:
+    """libtpu is installed (jax[tpu]) and a TPU chip is on the PCI bus (Google's vendor id and a
+    TPU device id: a GCE VM's gVNIC shares the vendor); whether this is a pod, JAX's detection decides."""
+    try:
+        if importlib.util.find_spec("libtpu") is None:
+            return False
+    except (ImportError, ValueError):
         return False
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if (Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR
+                    and Path(vendor).with_name("device").read_text().strip() in _TPU_PCI_DEVICES):  # fmt: skip
+                return True
+        except OSError:
+            continue
+    return False
 
 
 # --- start-up ----------------------------------------------------------------------------------
@@ -189,30 +213,32 @@ def initialize(
         return plan
     if jax.distributed.is_initialized():
         return _filled(plan)
-    if _backends_started():
-        raise DistributedError(
-            "the distributed runtime must start before anything uses JAX devices; call "
-            "gpt2_jax.parallel.distributed.initialize() first thing in main()"
-        )
-    if plan.coordinator is None and port is not None:  # SLURM / TPU: JAX finds the host, we set the port
+    if plan.coordinator is None and port is not None:  # detected: JAX finds the host, we set the port
         os.environ["JAX_COORDINATOR_PORT"] = str(port)
-    if jax.config.jax_cpu_collectives_implementation is None:  # cross-process collectives on CPU
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     watchdog = threading.Timer(plan.init_timeout, _join_timed_out, args=(plan,))
     watchdog.daemon = True
     watchdog.start()
-    try:
+    try:  # explicit settings are passed; detected ones (None) JAX's cluster detection fills in
         jax.distributed.initialize(
             coordinator_address=plan.coordinator,
-            num_processes=plan.num_processes,
-            process_id=plan.process_id,
+            num_processes=None if plan.coordinator is None else plan.num_processes,
+            process_id=None if plan.coordinator is None else plan.process_id,
             initialization_timeout=int(plan.init_timeout) + _JAX_DEADLINE_MARGIN_S,
             heartbeat_timeout_seconds=max(1, round(plan.heartbeat_timeout)),
         )
     except Exception as e:
-        raise DistributedError(f"{plan.describe()}: could not start the distributed runtime: {_first_line(e)}") from e
+        if isinstance(e, ValueError) and plan.source == "tpu":  # JAX's detection found no pod: one process
+            return dataclasses.replace(plan, source="single", num_processes=1, process_id=0)
+        hint = ""
+        if "must be called before" in str(e):  # JAX refuses once a device was used
+            hint = "; call gpt2_jax.parallel.distributed.initialize() first thing in main()"
+        raise DistributedError(
+            f"{plan.describe()}: could not start the distributed runtime: {_first_line(e)}{hint}"
+        ) from e
     finally:
         watchdog.cancel()
+    if jax.config.jax_cpu_collectives_implementation is None:  # cross-process collectives on CPU
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     sys.excepthook = _exit_on_uncaught
     return _filled(plan)
 
@@ -220,19 +246,7 @@ def initialize(
 def _filled(plan: Plan) -> Plan:
     import jax
 
-    address = plan.coordinator or getattr(jax._src.distributed.global_state, "coordinator_address", None)
-    return dataclasses.replace(
-        plan, coordinator=address, num_processes=jax.process_count(), process_id=jax.process_index()
-    )
-
-
-def _backends_started() -> bool:
-    try:
-        from jax._src import xla_bridge
-
-        return bool(xla_bridge.backends_are_initialized())
-    except Exception:
-        return False
+    return dataclasses.replace(plan, num_processes=jax.process_count(), process_id=jax.process_index())
 
 
 def _join_timed_out(plan: Plan) -> None:

@@ -28,10 +28,13 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = Sequence[tuple[str, "str | tuple[str, ...] | None"]]
 
-# 'qkv' stays whole on 'tensor': the fused c_attn kernel is stored [D, 3*D] (HF layout), and
-# splitting 3*D into contiguous chunks would cut across q/k/v and heads; the model re-shards its
-# (3, heads, head_dim) view by heads instead. 'embed' goes to 'fsdp' so that FSDP shards every
-# matrix; activations keep their embedding whole ('act_embed').
+# Tensor parallelism divides every matrix: c_attn's kernel is stored head-major (embed, qkv,
+# heads, head_dim) = (D, 3, H, Dh), so 'heads' splits it (and its (3, H, Dh) bias) by heads
+# without cutting across q/k/v; c_proj's input and c_fc's output go to 'tensor' too, and wte's
+# rows. 'qkv' (size 3) and 'head_dim' stay whole; 'layers', the leading axis of scanned
+# (stacked) parameters, is never split. 'embed' goes to 'fsdp' so that FSDP shards every
+# matrix; activations keep their embedding whole ('act_embed'). Vectors over 'embed' (LayerNorms,
+# the projections' biases) and wpe's positions are not split by 'tensor' (wpe is 1/V of wte).
 DEFAULT_RULES: tuple = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -46,6 +49,7 @@ DEFAULT_RULES: tuple = (
     ("heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("layers", None),
 )
 
 

@@ -93,10 +93,10 @@ def train_batch(c, p, trainer) -> dict:
     from gpt2_jax.parallel import sharding
     from gpt2_jax.train import steps
 
-    shape = (c.grad_accum, c.batch_size // c.grad_accum, p.block_size)
+    shape = (p.grad_accum, c.batch_size // p.grad_accum, p.block_size)
     _, count = sharding.process_batch_slice(trainer.train_batch_sharding, shape, batch_dim=1)
     host = synthetic_tokens(c, p, c.batch_size // count)
-    return data_lib.to_global_batch(steps.split_microbatches(host, c.grad_accum), trainer.train_batch_sharding)
+    return data_lib.to_global_batch(steps.split_microbatches(host, p.grad_accum), trainer.train_batch_sharding)
 
 
 def _peak_memory(devices) -> int | None:
@@ -160,7 +160,7 @@ def time_torch(c, p, steps_: int, warmup: int, compiled: bool) -> dict:
                             **({"fused": True} if device == "cuda" else {}))  # fmt: skip
     forward = torch.compile(model) if compiled else model
     host = synthetic_tokens(c, p, c.batch_size)
-    A = c.grad_accum
+    A = p.grad_accum
     micro = [(torch.as_tensor(host["inputs"][a::A], dtype=torch.long, device=device),
               torch.as_tensor(host["targets"][a::A], dtype=torch.long, device=device)) for a in range(A)]  # fmt: skip
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=m.dtype == "bfloat16")
@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flops_token = flops.flops_per_token(p.model, p.block_size)
     summary = {"device": None, "dtype": p.model.dtype, "n_layer": p.model.n_layer, "n_embd": p.model.n_embd,
                "n_head": p.model.n_head, "block_size": p.block_size, "batch_size": c.batch_size,
-               "grad_accum": c.grad_accum, "remat": p.model.remat, "attention": p.model.attention,
+               "grad_accum": p.grad_accum, "remat": p.model.remat, "attention": p.model.attention,
                "loss_chunk": p.model.loss_chunk, "vocab_pad_multiple": p.model.vocab_pad_multiple,
                "tokens_per_step": tokens_per_step, "flops_per_token": flops_token, "steps": args.steps,
                "warmup": args.warmup, "jax_version": jax.__version__}  # fmt: skip
@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(_row(f"hf_torch_{name}", r["step_s"], tokens_per_step, torch_flops, ours["peak_flops"],
                          r["peak_memory"]))  # fmt: skip
     print(f"{summary['device']}, {p.model.dtype}, {p.model.n_layer} layers x n_embd {p.model.n_embd}, "
-          f"batch {c.batch_size} x {p.block_size} tokens (grad_accum {c.grad_accum}), "
+          f"batch {c.batch_size} x {p.block_size} tokens (grad_accum {p.grad_accum}), "
           f"{args.steps} timed steps after {args.warmup}; JAX compile + first step {ours['compile_s']:.1f} s")  # fmt: skip
     print(_table(rows))
     out = {**summary, **{k: v for k, v in rows[0].items() if k != "implementation"},

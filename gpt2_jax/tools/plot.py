@@ -15,6 +15,7 @@ from typing import Sequence
 
 from gpt2_jax.cli import ArgumentParser, run
 from gpt2_jax.errors import UserError
+from gpt2_jax.interop import paths
 
 SMOOTHING = 0.9  # EMA weight for the training loss (0 = raw curve only)
 
@@ -22,17 +23,16 @@ SMOOTHING = 0.9  # EMA weight for the training loss (0 = raw curve only)
 def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
     """(training rows, eval rows) of WORKDIR/metrics.jsonl; eval rows get `tokens` from the
     training rows' tokens per step when they lack it."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = paths.join(workdir, "metrics.jsonl")  # local or gs://
+    if not paths.isfile(path):
         raise UserError(f"{workdir} has no metrics.jsonl (is it a training workdir?)")
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if line.endswith("\n"):  # a run killed mid-write may leave a partial last line
-                    raise UserError(f"{path}:{n} is not JSON") from None
+    for n, line in enumerate(paths.read_text(path).splitlines(keepends=True), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if line.endswith("\n"):  # a run killed mid-write may leave a partial last line
+                raise UserError(f"{path}:{n} is not JSON") from None
     train = [r for r in rows if "loss" in r and "step" in r]
     evals = [r for r in rows if "val_loss" in r and "step" in r]
     per_step = next((r["tokens"] / r["step"] for r in train if r.get("tokens") and r["step"]), None)
@@ -106,7 +106,8 @@ def figure(workdirs: Sequence[str], smoothing: float = SMOOTHING):
     runs = [(w, *read_metrics(w)) for w in workdirs]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=(3, 1))
     for i, (workdir, train, evals) in enumerate(runs):
-        color, name = f"C{i}", os.path.basename(os.path.normpath(workdir))
+        local = not paths.is_remote(workdir)
+        color, name = f"C{i}", paths.basename(os.path.normpath(workdir) if local else workdir)
         x, xlabel = _x(train)
         if train:
             loss = [r["loss"] for r in train]

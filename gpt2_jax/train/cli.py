@@ -3,6 +3,7 @@
     python -m gpt2_jax.train --config configs/X.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]
     python -m gpt2_jax.train --config X[:ARG] --workdir DIR      # a packaged config by name, from anywhere
     python -m gpt2_jax.train --config configs/X.py --dry_run     # per-device memory and FLOPs, then exit
+    python -m gpt2_jax.train --config configs/X.py --dry_run --topology v5e:2x2   # ... on a TPU slice, from any host
     python -m gpt2_jax.train --config X --help                   # X's value of every key
 
 Several processes (a TPU pod, SLURM, launch/local.sh) join through jax.distributed: from the
@@ -17,7 +18,11 @@ checkpoint.
 Exit status: 0 done; 2 a user error (config, data, workdir in use, no usable checkpoint);
 1 diverged (non-finite steps beyond max_bad_steps; the last good checkpoint is kept);
 143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (run the command again).
-With --dry_run: 0, or 1 if the step does not fit the device's memory.
+With --dry_run: 0, or 1 if the step does not fit the device's memory; the last line is JSON
+(topology, devices, peak_bytes_per_device, hbm_bytes_per_device, fits, compile_s, ...).
+--topology NAME (v5e:2x2, v5e:4x4, v5p:2x2x1, v4:2x2x1, v6e:2x4, ...) compiles for that TPU slice's
+devices with libtpu (pip install -e ".[tpu]"), no TPU needed; the TPU compiler's out-of-memory
+verdict decides whether it fits.
 """
 
 from __future__ import annotations
@@ -40,16 +45,25 @@ from gpt2_jax.train.preemption import Preempted
 from gpt2_jax.train.trainer import Trainer
 
 
-def compile_only(config: ml_collections.ConfigDict) -> int:
-    """--dry_run: compile the train step for the configured mesh and print per-device memory and
-    FLOPs, reading no data; 1 if it does not fit the device's memory, else 0."""
+def compile_only(config: ml_collections.ConfigDict, topology_name: str | None = None) -> int:
+    """--dry_run [--topology NAME]: compile the train step for the configured mesh (of this job's
+    devices, or of TPU slice NAME's compile-only devices) and print per-device memory and FLOPs,
+    then one JSON line, reading no data; 1 if it does not fit the device's memory, else 0."""
+    from gpt2_jax.parallel import topology
     from gpt2_jax.train import dry_run
 
-    p = plan(config, data=False)
+    devices, hbm = None, None
+    if topology_name is not None:
+        tpu_slice = topology.parse(topology_name)
+        devices, hbm, topology_name = topology.topology_devices(tpu_slice), tpu_slice.chip.hbm_bytes, tpu_slice.name
+    p = plan(config, data=False, devices=devices)
     with sharding.use_mesh(p.mesh, p.rules):
         trainer = Trainer(config, p)
-        estimate = dry_run.estimate(trainer, p, config.batch_size, config.grad_accum)
+        estimate = dry_run.estimate(trainer, p, config.batch_size, p.grad_accum, hbm, topology_name)
+    for note in p.notes:
+        print(note)
     print(dry_run.report(estimate, p))
+    print(dry_run.json_line(estimate, p), flush=True)
     return 1 if estimate.fits is False else 0
 
 
@@ -114,6 +128,25 @@ def _check_override_keys(argv: list[str], config: ml_collections.ConfigDict) -> 
             raise UsageError(f"unknown config key {key!r} (--config.{key}){aliases.key_hint(key, leaves)}")
 
 
+def _pop_topology(argv: list[str], dry_run: bool) -> tuple[list[str], str | None]:
+    """(argv without it, the --topology value): a TPU slice to compile for instead of this job's
+    devices. Before JAX starts a backend: keeps libtpu quiet on a host without TPUs, and this
+    process on its CPU (its own devices are not used)."""
+    from gpt2_jax.parallel import topology
+
+    for i, a in enumerate(argv):
+        if a == "--topology" or a.startswith("--topology="):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not value:
+                raise UsageError("--topology needs a value, e.g. --topology v5e:2x2")
+            if not dry_run:
+                raise UsageError("--topology compiles for a TPU slice without running: use it with --dry_run")
+            topology.quiet_libtpu(topology.parse(value))
+            topology.compile_only_host()
+            return argv[:i] + argv[i + (1 if "=" in a else 2):], value
+    return argv, None
+
+
 def _first_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
@@ -165,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     dry_run = "--dry_run" in argv
     argv = [a for a in argv if a != "--dry_run"]
     try:
+        argv, topology_name = _pop_topology(argv, dry_run)
         argv, multi_process = distributed.pop_flags(argv)
-        distributed.initialize(**multi_process)  # before anything touches a device
+        if topology_name is None:
+            distributed.initialize(**multi_process)  # before anything touches a device
         config, workdir = parse_args(argv, require_workdir=not dry_run)
         if dry_run:
-            return compile_only(config)
+            return compile_only(config, topology_name)
         train_and_evaluate(config, workdir)
     except UserError as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)

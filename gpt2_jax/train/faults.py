@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+
+import jax
 
 KINDS = ("sigkill_at", "sigkill_saving", "sigterm_at", "nan_update_at")
 
@@ -50,3 +53,5 @@ def after_step(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if step in _FAULTS["sigterm_at"]:
         os.kill(os.getpid(), signal.SIGTERM)
+        if jax.process_count() > 1:  # JAX's notifier polls about once a second: let the notice spread
+            time.sleep(3.0)  # before the next step, so the test's stop step does not race the run's end

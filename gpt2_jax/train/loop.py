@@ -107,11 +107,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if start >= p.total_steps:
                     writer.print(f"step {start} of {p.total_steps}: training is complete, nothing to do")
                 hooks = _hooks(trainer, writer, ckpts, train_it, start, summary)
-                batches = (to_global_batch(split_microbatches(b, config.grad_accum), trainer.train_batch_sharding)
+                batches = (to_global_batch(split_microbatches(b, p.grad_accum), trainer.train_batch_sharding)
                            for b in train_it)  # fmt: skip
-                sync_every = config.log_every  # several processes agree on a stop at these steps
+                sync_every = config.log_every  # without JAX's preemption service: agree at these steps
                 loop(trainer.train_fn, state, batches, p.total_steps, hooks,
-                     lambda step: stop.agreed(sync=step % sync_every == 0), ckpts.path)  # fmt: skip
+                     lambda step: stop.agreed(step, sync=step % sync_every == 0), ckpts.path)  # fmt: skip
                 ckpts.wait()  # the line below names a checkpoint that is on disk
                 writer.print(done_line(workdir, ckpts.path(ckpts.steps()[-1]), config.sample.prompt))
     return summary
@@ -138,4 +138,6 @@ def _hooks(trainer: Trainer, writer: MetricsWriter, ckpts: Checkpoints, train_it
     if c.eval_every:
         evaluate = Evaluate(evaluators(trainer), writer, summary, throughput.restart)
         on_state.append(Periodic(evaluate, every=c.eval_every))
+    # Last, after the step's eval row: on gs:// the metrics rows up to a checkpoint are stored with it.
+    on_state.append(Periodic(lambda step, state: writer.flush(), every=c.checkpoint_every, at_stop=True))
     return Hooks(on_metrics=[log, NonFinitePolicy(c.max_bad_steps, trainer.skipped, writer, ckpts)], on_state=on_state)

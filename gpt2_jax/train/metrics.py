@@ -1,10 +1,24 @@
-"""Training metrics out: progress bar, metrics.jsonl, TensorBoard and (optionally) wandb."""
+"""Training metrics out: progress bar, metrics.jsonl, TensorBoard and (optionally) wandb.
+
+On a gs:// workdir (object stores have no append) metrics.jsonl is kept in memory and uploaded
+whole, at most every UPLOAD_EVERY_S seconds, at every `flush` (the loop flushes when it saves a
+checkpoint, so the rows up to a checkpoint are stored with it) and at close; TensorBoard writes
+its event files into a local temporary folder that is uploaded the same way. Nothing is written
+to a local `gs:` folder.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import time
 from typing import Any
+
+from gpt2_jax.interop import paths
+
+UPLOAD_EVERY_S = 60.0  # each upload rewrites the whole object: rare, plus every checkpoint and the end
 
 
 class MetricsWriter:
@@ -27,20 +41,26 @@ class MetricsWriter:
     ):
         self.enabled = enabled
         self._jsonl = self._tb = self._wandb = self._bar = None
+        self._remote = self._local_dir = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "metrics.jsonl")
-        if drop_after is not None:  # a (re)started run: earlier rows past its start are stale
-            _drop_rows_after(path, drop_after)
-        self._jsonl = open(path, "a", buffering=1)
+        path = paths.join(workdir, "metrics.jsonl")
+        if paths.is_remote(workdir):
+            self._remote = _RemoteFiles(workdir, path, drop_after)
+            self._jsonl, self._local_dir = self._remote, self._remote.local_dir
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            if drop_after is not None:  # a (re)started run: earlier rows past its start are stale
+                _drop_rows_after(path, drop_after)
+            self._jsonl, self._local_dir = open(path, "a", buffering=1), workdir
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(logdir=workdir)
+        self._tb = SummaryWriter(logdir=self._local_dir)
         if wandb_project:
             import wandb
 
-            self._wandb = wandb.init(project=wandb_project, name=wandb_name or None, config=run_config, dir=workdir)
+            self._wandb = wandb.init(project=wandb_project, name=wandb_name or None, config=run_config,
+                                     dir=self._local_dir)  # fmt: skip
         if progress:
             from tqdm import tqdm
 
@@ -58,6 +78,8 @@ class MetricsWriter:
             self._tb.add_scalar(f"{prefix}/{k}", v, step)
         if self._wandb is not None:
             self._wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
+        if self._remote is not None:
+            self._remote.upload(self._tb, force=False)
         if prefix == "train" and self._bar is not None:
             self._bar.set_postfix_str(_postfix(row), refresh=False)
         elif prefix == "train":  # no progress bar (logs, several processes): a line per logged step
@@ -90,13 +112,66 @@ class MetricsWriter:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def flush(self) -> None:
+        """Make every row written so far durable (on gs://: upload metrics.jsonl and the events)."""
+        if self._remote is not None:
+            self._remote.upload(self._tb, force=True)
+        elif self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
         for closer in (self._bar, self._tb, self._jsonl):
             if closer is not None:
                 closer.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-        self._jsonl = self._tb = self._wandb = self._bar = None
+        self._jsonl = self._tb = self._wandb = self._bar = self._remote = None
+
+
+class _RemoteFiles:
+    """metrics.jsonl of a gs:// workdir held in memory, and a local folder for the TensorBoard
+    event files; `upload` copies both to the workdir whole (each upload replaces the object)."""
+
+    def __init__(self, workdir: str, path: str, drop_after: int | None):
+        self.workdir, self.path = workdir, path
+        text = paths.read_text(path) if paths.exists(path) else ""
+        lines = text.splitlines(keepends=True)
+        if drop_after is not None:  # as _drop_rows_after does for a local file
+            lines = [line for line in lines if line.endswith("\n") and _row_step(line) <= drop_after]
+        self.lines, self._dirty, self._last = lines, False, 0.0
+        if "".join(lines) != text:  # stored at once, as the local file is rewritten at once
+            paths.write_atomic(path, "".join(lines))
+        self.local_dir = tempfile.mkdtemp(prefix="gpt2_jax-events-")
+        self._uploaded: dict[str, int] = {}  # event file -> size uploaded
+
+    def write(self, text: str) -> None:
+        self.lines.append(text)
+        self._dirty = True
+
+    def upload(self, tb, force: bool) -> None:
+        if not force and time.monotonic() - self._last < UPLOAD_EVERY_S:
+            return
+        self._last = time.monotonic()
+        if self._dirty:
+            paths.write_atomic(self.path, "".join(self.lines))
+            self._dirty = False
+        if tb is not None:
+            tb.flush()
+        for root, _, files in os.walk(self.local_dir):
+            for name in files:
+                local = os.path.join(root, name)
+                rel = os.path.relpath(local, self.local_dir)
+                if self._uploaded.get(rel) != os.path.getsize(local):
+                    self._uploaded[rel] = os.path.getsize(local)
+                    paths.upload(local, paths.join(self.workdir, *rel.split(os.sep)))
+
+    def close(self) -> None:
+        """Called after the TensorBoard writer closed: the last upload, then the local copy goes."""
+        self._last = 0.0
+        try:
+            self.upload(None, force=True)
+        finally:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
 def _drop_rows_after(path: str, step: int) -> None:

@@ -32,8 +32,11 @@ def lr_schedule(peak_lr: float, total_steps: int, warmup_steps: int, min_lr_rati
 
 
 def decay_mask(params):
-    """True for matrices (kernels, embeddings), False for biases and LayerNorm scales."""
-    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    """True for matrices (kernels, embeddings), False for biases and LayerNorm scales: vectors,
+    and by name, since c_attn's bias is (3, H, Dh) and scanned layers stack every leaf."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim >= 2 and getattr(path[-1], "key", None) not in ("bias", "scale"), params
+    )
 
 
 def make_optimizer(

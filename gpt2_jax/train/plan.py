@@ -18,15 +18,15 @@ import ml_collections
 from gpt2_jax.data import loader as data_lib
 from gpt2_jax.data import val_split
 from gpt2_jax.errors import UserError
-from gpt2_jax.interop import hf
+from gpt2_jax.interop import hf, paths
 from gpt2_jax.interop.tokenizer import EOT_ID, get_tokenizer
-from gpt2_jax.model import GPT2, GPT2Config, attention_kernel, attention_problem
+from gpt2_jax.model import GPT2, GPT2Config, attention_kernel, attention_problem, platform
 from gpt2_jax.parallel import sharding
 from gpt2_jax.train import optim, steps
 
 BUNDLED = ("shakespeare",)
 # GPT2Config fields that come from the training config even when the shape comes from init_from.
-COMPUTE_FIELDS = ("dropout", "dtype", "remat", "attention", "vocab_pad_multiple", "loss_chunk")
+COMPUTE_FIELDS = ("dropout", "dtype", "remat", "attention", "vocab_pad_multiple", "loss_chunk", "scan_layers")
 # The config's model keys that init_from replaces with the source's shape.
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
 
@@ -51,6 +51,7 @@ class Plan:
     eval_batch_size: int
     prompt: tuple  # token ids that samples continue
     warmup_steps: int  # c.warmup_steps, clamped to total_steps (a short run warms up over all of it)
+    grad_accum: int = 1  # microbatches per step: c.grad_accum, or from c.microbatch_per_device
     notes: tuple[str, ...] = ()  # `note: ...` lines for the console: what the plan changed or chose
 
 
@@ -64,7 +65,8 @@ def _require(ok: bool, message: str) -> None:
 
 def _check_ranges(c: ml_collections.ConfigDict) -> None:
     _require(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")
-    _require(c.grad_accum >= 1, f"grad_accum must be >= 1, got {c.grad_accum}")
+    _require(c.grad_accum >= 0, f"grad_accum must be >= 1 (or 0: from microbatch_per_device), got {c.grad_accum}")
+    _require(c.microbatch_per_device >= 0, f"microbatch_per_device must be >= 0 (0 = off), got {c.microbatch_per_device}")
     _require(c.total_steps >= 1 or c.num_epochs > 0, f"total_steps must be >= 1 (or set num_epochs), got {c.total_steps}")
     _require(c.num_epochs >= 0, f"num_epochs must be >= 0, got {c.num_epochs}")
     _require(c.lr > 0, f"lr must be > 0, got {c.lr}")
@@ -102,7 +104,7 @@ def _init_source(init_from: str) -> tuple[str | None, str | None, tuple[str, ...
                  "a model first, e.g. hf download gpt2 --local-dir PATH")  # fmt: skip
         local = _hub_snapshot(init_from, path)
         return local, None, (f"note: init_from {init_from!r}: weights from the hub, in {local}",)
-    _require(os.path.isdir(os.path.join(path, "checkpoints")),
+    _require(paths.isdir(paths.join(path, "checkpoints")),
              f"init_from {init_from!r}: {path} is not a training workdir (no checkpoints/ in it)")  # fmt: skip
     return None, path, ()
 
@@ -175,29 +177,47 @@ def _hf_config(path: str, **overrides) -> GPT2Config:
         raise hf.HFFormatError(f"{file} is not valid JSON: {e}") from None
 
 
-def _attention(model: GPT2Config) -> GPT2Config:
-    """`model` with attention resolved to the kernel this run uses ('auto' picks); a kernel
-    these devices cannot run is refused."""
-    problem = attention_problem(model, model.attention)
+def _attention(model: GPT2Config, devices) -> GPT2Config:
+    """`model` with attention resolved to the kernel this run uses on `devices` ('auto' picks;
+    None: this process's); a kernel these devices cannot run is refused."""
+    where = None if devices is None else platform(devices)
+    problem = attention_problem(model, model.attention, where)
     _require(problem is None, f"model.attention={model.attention!r} {problem}; use 'auto' (the fastest kernel "
              "these devices run) or 'xla'")  # fmt: skip
-    return model.replace(attention=attention_kernel(model))
+    return model.replace(attention=attention_kernel(model, where))
 
 
-def _mesh(c: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, tuple]:
+def _mesh(c: ml_collections.ConfigDict, devices) -> tuple[jax.sharding.Mesh, tuple]:
     try:
-        shape = sharding.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, jax.device_count())
+        count = jax.device_count() if devices is None else len(devices)
+        shape = sharding.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, count)
         rules = sharding.logical_rules(tuple(tuple(r) for r in c.mesh.rules))
     except (sharding.MeshError, TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    return sharding.make_mesh(shape), rules
+    return sharding.make_mesh(shape, devices), rules
 
 
-def _check_batch(c: ml_collections.ConfigDict, mesh, rules) -> int:
+def _grad_accum(c: ml_collections.ConfigDict, dp: int) -> tuple[int, tuple[str, ...]]:
+    """(microbatches per step, notes): grad_accum when set (>= 1: an explicit choice wins), else
+    from microbatch_per_device on `dp` data-parallel devices, so that a preset runs unchanged on
+    any number of devices (grad_accum 1 once batch_size / dp is no more than it)."""
+    B, m = c.batch_size, c.microbatch_per_device
+    if c.grad_accum or not m:
+        note = f"note: grad_accum {c.grad_accum} overrides microbatch_per_device {m}" if c.grad_accum and m else ""
+        return c.grad_accum or 1, (note,) if note else ()
+    _require(B % dp == 0, f"batch_size ({B}) must be divisible by the {dp} data-parallel devices (mesh data x fsdp)")
+    per_device = B // dp
+    _require(per_device <= m or per_device % m == 0,
+             f"batch_size / data-parallel devices = {B} / {dp} = {per_device} sequences per device is not a multiple "
+             f"of microbatch_per_device ({m}); change microbatch_per_device or batch_size, or set grad_accum")  # fmt: skip
+    return max(1, per_device // m), ()
+
+
+def _check_batch(c: ml_collections.ConfigDict, mesh, rules, A: int) -> int:
     """Checks that every microbatch splits evenly over the data-parallel devices; returns the
     evaluation batch size."""
     dp = sharding.data_parallel_size(mesh, rules)
-    B, A = c.batch_size, c.grad_accum
+    B = c.batch_size
     _require(B % A == 0, f"batch_size ({B}) must be divisible by grad_accum ({A})")
     _require((B // A) % dp == 0,
              f"batch_size / grad_accum = {B // A} sequences per microbatch must be divisible by the {dp} "
@@ -263,8 +283,10 @@ def _check_shardings(model: GPT2Config, mesh, rules) -> None:
     problems = sharding.indivisible(abstract.params, sharding.logical_to_shardings(specs.params, mesh, rules))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigError(f"the mesh {dict(mesh.shape)} cannot shard {problems[0]}{more}; change the mesh "
-                          "(or model.vocab_pad_multiple for the vocabulary)")
+        tensor = dict(mesh.shape).get("tensor", 1)
+        why = (f"mesh.tensor must divide n_head ({model.n_head}); change the mesh"
+               if model.n_head % tensor else "change the mesh (or model.vocab_pad_multiple for the vocabulary)")
+        raise ConfigError(f"the mesh {dict(mesh.shape)} cannot shard {problems[0]}{more}; {why}")
 
 
 def _check_rouge(c: ml_collections.ConfigDict, model: GPT2Config) -> None:
@@ -281,20 +303,24 @@ def _check_rouge(c: ml_collections.ConfigDict, model: GPT2Config) -> None:
         raise ConfigError("rouge.path is set but rouge-score is not installed: pip install rouge-score") from None
 
 
-def plan(c: ml_collections.ConfigDict, data: bool = True) -> Plan:
+def plan(c: ml_collections.ConfigDict, data: bool = True, devices=None) -> Plan:
     """Check `c` and derive the run from it; ConfigError names the first problem. Reads only
     small files (HF config.json, shard headers); compiles nothing. data=False (bench, dry runs)
-    skips the data: data_path is '', windows_per_epoch 0 and total_steps c.total_steps."""
+    skips the data: data_path is '', windows_per_epoch 0 and total_steps c.total_steps.
+    `devices` (default: all of this job's) are those the mesh is made of, and whose platform
+    the attention kernel is chosen and checked for (a TPU topology's, for a dry run)."""
     _check_ranges(c)
     _require(c.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
     hf_path, init_workdir, notes = _init_source(c.init_from)
-    model = _attention(_model_config(c, hf_path, init_workdir))
+    model = _attention(_model_config(c, hf_path, init_workdir), devices)
     notes += _shape_notes(c, model)
     _require(c.model.block_size <= model.n_positions,
              f"model.block_size ({c.model.block_size}) exceeds the model's {model.n_positions} positions"
              + (" (from init_from)" if hf_path or init_workdir else " (model.n_positions)"))  # fmt: skip
-    mesh, rules = _mesh(c)
-    eval_batch_size = _check_batch(c, mesh, rules)
+    mesh, rules = _mesh(c, devices)
+    grad_accum, accum_notes = _grad_accum(c, sharding.data_parallel_size(mesh, rules))
+    notes += accum_notes
+    eval_batch_size = _check_batch(c, mesh, rules, grad_accum)
     _check_shardings(model, mesh, rules)
     if c.wandb.project:
         try:
@@ -315,6 +341,7 @@ def plan(c: ml_collections.ConfigDict, data: bool = True) -> Plan:
         notes += (f"note: warmup_steps {c.warmup_steps} > total_steps {total}; warming up over {total} steps",)
     return Plan(model=model, block_size=c.model.block_size, mesh=mesh, rules=rules, data_path=path,
                 hf_path=hf_path, init_workdir=init_workdir, total_steps=total, windows_per_epoch=windows,
-                eval_batch_size=eval_batch_size, prompt=prompt, warmup_steps=warmup, notes=notes)  # fmt: skip
+                eval_batch_size=eval_batch_size, prompt=prompt, warmup_steps=warmup, grad_accum=grad_accum,
+                notes=notes)  # fmt: skip
 
 

@@ -109,6 +109,45 @@ def _loss_sums(apply_fn, params, inputs, targets, weights, **kw):
     return cross_entropy_sums(logits, targets, weights)
 
 
+def _tied_to_microbatch(params, inputs):
+    """(params, inputs), unchanged, behind an optimization barrier: the parameters become values
+    of this loop iteration, so the compiler cannot hoist their FSDP all-gathers (or casts) out of
+    the gradient-accumulation loop and carry whole gathered copies through it (XLA:CPU's
+    loop-invariant code motion did; gathers then happen per layer, per microbatch). Only where
+    the step's mesh has an fsdp axis: without gathers there is nothing to keep in the loop."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1:
+        return params, inputs
+    return jax.lax.optimization_barrier((params, inputs))
+
+
+def _compute_copy_fn(apply_fn) -> Callable:
+    """params -> params with the matmul kernels cast to the model's compute dtype under their own
+    (sharded) layout, so the cast happens before any FSDP gather and the gathers move half the
+    bytes. The model casts kernels at use anyway, so the values are the same, and the gradient
+    of the cast is the upcast the model's own cast has; embeddings and LayerNorm parameters stay
+    float32, as the model computes with them. Identity for float32 runs and non-GPT2 models."""
+    model = getattr(apply_fn, "__self__", None)
+    dtype = model.config.compute_dtype if isinstance(model, GPT2) else None
+    if dtype is None or jnp.dtype(dtype) == jnp.float32:
+        return lambda params: params
+    specs = _logical_param_specs(model.config)
+
+    def cast(path, p, spec):
+        if getattr(path[-1], "key", None) != "kernel" or p.dtype == dtype:
+            return p
+        return nn.with_logical_constraint(p.astype(dtype), spec)  # no-op without a mesh and rules
+
+    return lambda params: jax.tree_util.tree_map_with_path(cast, params, specs)
+
+
+@functools.lru_cache(maxsize=8)
+def _logical_param_specs(config) -> Any:
+    """The parameters' logical PartitionSpecs (from an abstract init: nothing allocated)."""
+    boxed = jax.eval_shape(lambda: GPT2(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    return nn.get_partition_spec(boxed)["params"]
+
+
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimizer update from the gradient of the step's (weighted) mean loss over all its
     microbatches. Returns the new state and float32 metrics: loss (before the update), lr (the
@@ -123,7 +162,10 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         total_weight = weights.sum()
     scale = 1.0 / jnp.maximum(total_weight, 1.0)  # all weights 0: loss and gradient 0, not NaN
 
+    compute_copy = _compute_copy_fn(state.apply_fn)
+
     def loss_of(params, x, y, w, key):
+        params = compute_copy(params)
         nll_sum, _ = _loss_sums(state.apply_fn, params, x, y, w, deterministic=False, rngs={"dropout": key})
         return nll_sum * scale  # this microbatch's share of the step's mean
 
@@ -132,7 +174,8 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     def accumulate(carry, micro):
         loss_sum, grad_sum = carry
         i, x, y, w = micro
-        loss, grads = grad_fn(state.params, x, y, w, jax.random.fold_in(step_key, i))
+        params, x = _tied_to_microbatch(state.params, x)
+        loss, grads = grad_fn(params, x, y, w, jax.random.fold_in(step_key, i))
         return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)

@@ -12,7 +12,7 @@ from gpt2_jax.data import loader as data_lib
 from gpt2_jax.interop import hf
 from gpt2_jax.interop.checkpoint import Checkpoints, abstract_with_shardings
 from gpt2_jax.interop.load import load_workdir
-from gpt2_jax.model import GPT2, count_params
+from gpt2_jax.model import GPT2, count_params, to_layout
 from gpt2_jax.parallel import sharding
 from gpt2_jax.train import faults, flops, optim, steps
 from gpt2_jax.train.plan import COMPUTE_FIELDS, ConfigError, Plan
@@ -93,16 +93,17 @@ class Trainer:
         if p.hf_path is not None:
             _, params = hf.load_hf(p.hf_path, **{f: getattr(p.model, f) for f in COMPUTE_FIELDS})
         else:
-            params = _workdir_params(p.init_workdir, self.abstract_state.params["wte"].shape[0], p.mesh)
+            params = to_layout(_workdir_params(p.init_workdir, self.abstract_state.params["wte"].shape[0], p.mesh), p.model)
         return steps.state_from_params(self.model, self.tx, self.lr_fn, params, c.seed, self.state_sharding)
 
     def resume(self, ckpts: Checkpoints, train_it: data_lib.BatchIterator) -> tuple[steps.TrainState, str] | None:
         """(state, what was resumed) from the newest usable checkpoint, restored onto this mesh,
         with `train_it` moved to the batch that comes next; None when there are no checkpoints."""
-        if not ckpts.steps():
+        if ckpts.steps():
+            self._check_same_model(ckpts)
+        restored = ckpts.restore_latest(self.abstract_state)  # process 0 names the step for all
+        if restored is None:
             return None
-        self._check_same_model(ckpts)
-        restored = ckpts.restore_latest(self.abstract_state)
         train_it.set_state(restored.data_state)
         self.skipped = int(to_host(skipped_updates(restored.state.opt_state)))
         changed = _changed_keys(restored.config, self.c.to_dict())
@@ -117,6 +118,11 @@ class Trainer:
             saved = ckpts.model_config(step)
         except Exception:  # unreadable: restore_latest skips it and says why
             return
+        if saved.scan_layers != self.p.model.scan_layers:  # the parameter trees differ: h vs h_0 ... h_{L-1}
+            layout = "scanned (stacked)" if saved.scan_layers else "unrolled"
+            raise ConfigError(f"{ckpts.directory} holds checkpoints with {layout} layers (model.scan_layers="
+                              f"{saved.scan_layers}); resume with --config.model.scan_layers={saved.scan_layers}, "
+                              "or use another --workdir")  # fmt: skip
         diff = [f"{f} {getattr(saved, f)} (checkpoint) vs {getattr(self.p.model, f)} (config)"
                 for f in SHAPE_FIELDS if getattr(saved, f) != getattr(self.p.model, f)]  # fmt: skip
         if diff:
@@ -126,7 +132,7 @@ class Trainer:
     def train_iterator(self) -> data_lib.BatchIterator:
         """This process's share of every global batch (the rows its devices hold)."""
         p, c = self.p, self.c
-        shape = (c.grad_accum, c.batch_size // c.grad_accum, p.block_size)
+        shape = (p.grad_accum, c.batch_size // p.grad_accum, p.block_size)
         index, count = sharding.process_batch_slice(self.train_batch_sharding, shape, batch_dim=1)
         return data_lib.make_train_iterator(p.data_path, block_size=p.block_size, global_batch_size=c.batch_size,
                                             seed=c.seed, process_index=index, process_count=count,
@@ -141,7 +147,7 @@ class Trainer:
             f"{count_params(state.params) / 1e6:.2f}M parameters, block {p.block_size}, {p.model.dtype}"
             f"{f', weights from {p.hf_path}' if p.hf_path else ''}\n"
             f"train: {p.total_steps:,} steps x {c.batch_size} sequences = {c.batch_size * p.block_size:,} "
-            f"tokens/step (grad_accum {c.grad_accum}), {epochs:.2f} epochs of {p.windows_per_epoch:,} windows "
+            f"tokens/step (grad_accum {p.grad_accum}), {epochs:.2f} epochs of {p.windows_per_epoch:,} windows "
             f"in {p.data_path}\n{sharding.device_summary(p.mesh)}, {peak}"
         )
 
