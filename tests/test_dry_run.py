@@ -86,7 +86,8 @@ def test_the_last_line_is_json_with_the_compilers_numbers(shards, capsys):
     # the same numbers as a compile of our own: the estimate is the compiler's, not a formula
     _, e = _per_device_state_bytes(c)
     assert row["arguments_bytes"] == e.arguments and row["temporaries_bytes"] == e.temporaries
-    assert row["peak_bytes_per_device"] == e.needed == (e.peak or e.total) > 0
+    # XLA:CPU's peak_memory_in_bytes leaves the temporaries out: on CPU the total is what a step needs
+    assert row["peak_bytes_per_device"] == e.needed == e.total > e.temporaries > 0
     # on CPU the "HBM" is this device's share of the host's available RAM, which moves between calls
     assert row["fits"] is (row["peak_bytes_per_device"] <= row["hbm_bytes_per_device"]) and row["compile_s"] > 0
 

@@ -43,6 +43,7 @@ class Estimate:
     out_of_memory: str | None = None  # the compiler's RESOURCE_EXHAUSTED verdict, when it gave one
     compiler_checked: bool = False  # the compiler placed the program in the device's memory (TPU)
     topology: str | None = None  # the TPU slice compiled for (--topology), None for this job's devices
+    platform: str = ""  # the devices' platform: 'cpu', 'gpu', 'tpu'
 
     @property
     def oom_required(self) -> int | None:
@@ -54,8 +55,10 @@ class Estimate:
 
     @property
     def needed(self) -> int:
-        """Bytes per device: the compiler's peak where it reports one, else the (larger) total."""
-        return self.peak or self.total
+        """Bytes per device: the compiler's peak where it reports a real one, else the (larger)
+        total. XLA:CPU's peak_memory_in_bytes counts little more than the arguments (not the
+        temporaries), so on CPU devices the total is the honest figure."""
+        return self.total if self.platform == "cpu" or not self.peak else self.peak
 
     @property
     def fits(self) -> bool | None:
@@ -100,7 +103,7 @@ def estimate(trainer, p: Plan, batch_size: int, grad_accum: int, hbm_bytes: int 
         memory_kind=f"HBM of a {device.device_kind} chip" if hbm_bytes else _memory_kind(device),
         model_flops_per_step=flops.flops_per_token(p.model, p.block_size) * batch_size * p.block_size,
         xla_flops=xla_flops, compile_seconds=seconds, peak=peak, out_of_memory=oom,
-        compiler_checked=device.platform == "tpu", topology=topology,
+        compiler_checked=device.platform == "tpu", topology=topology, platform=device.platform,
     )  # fmt: skip
 
 
@@ -159,7 +162,7 @@ def report(e: Estimate, p: Plan) -> str:
             f"  code         {gib(e.code)}",
             f"  total        {gib(e.total)}   (arguments + outputs - donated + temporaries + code)",
         ]
-        if e.peak:
+        if e.peak and e.platform != "cpu":
             lines.append(f"  peak         {gib(e.peak)}   (the compiler's peak_memory_in_bytes: what it needs)")
     else:
         lines.append(f"  the compiler: {e.out_of_memory}")
