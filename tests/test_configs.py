@@ -87,6 +87,7 @@ def test_gpt2_124m_is_the_llm_c_recipe():
     assert (c.weight_decay, c.beta1, c.beta2, c.grad_clip) == (0.1, 0.9, 0.95, 1.0)
     assert c.dtype == "bfloat16" and c.model.dropout == 0.0 and c.model.vocab_pad_multiple == 128
     assert c.grad_accum == 0 and c.batch_size % c.microbatch_per_device == 0  # grad_accum from the devices
+    assert c.model.scan_layers and c.model.remat == "dots_saveable"  # a scanned step needs remat to fit a v5e
 
 
 @pytest.mark.parametrize("name, devices, accum", [
