@@ -56,8 +56,10 @@ def gpt2_recipe(arg: str | None, *, model: str, tokens: float, batch_size: int, 
     sequences in bfloat16, `:tokens=N` (default `tokens`) setting total_steps, 700 warmup steps and
     cosine decay to 10%, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0; data parallel, or all-FSDP
     with `fsdp`; grad_accum follows from `microbatch_per_device` and the device count (grad_accum=0),
-    so the preset runs unchanged on any slice. Returns it locked; a preset differs only in the
-    arguments."""
+    so the preset runs unchanged on any slice: batch_size / (microbatch_per_device x devices in the
+    data and fsdp axes), 1 where there are more devices than that needs. Lower microbatch_per_device
+    (or set model.remat) if memory is short, raise it if the devices are idle; the update is the
+    same either way. Returns it locked; a preset differs only in the arguments."""
     args = parse_arg(arg, tokens=tokens)
     c = base_config()
     set_model(c, model)

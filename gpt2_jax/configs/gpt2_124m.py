@@ -10,10 +10,8 @@ scratch: --config.init_from=hf:PATH (a Hugging Face folder, e.g. from
 Recipe: llm.c's GPT-2 (124M) run: 512 x 1024 = 524,288 tokens per step, lr 6e-4 with 700
 warmup steps and cosine decay to 10%, AdamW betas (0.9, 0.95), weight decay 0.1 on matrices,
 gradient clipping at 1.0, bfloat16 compute, scanned layers with remat dots_saveable.
-microbatch_per_device 16: each data-parallel device runs 16 sequences at a time, and grad_accum
-follows from the device count (batch_size / (16 x devices in the data and fsdp axes); 1 where
-there are more devices than that needs). Lower it (or set model.remat) if memory is short, raise
-it if the devices are idle; the update is the same either way. --config.grad_accum=N overrides.
+microbatch_per_device 16: sequences per device at a time; grad_accum follows from the device
+count (see common.gpt2_recipe), --config.grad_accum=N overrides.
 
 Argument: `:tokens=N` trains on about N tokens (default 10e9); total_steps follows.
 """

@@ -12,10 +12,8 @@ steps and cosine decay to 10%, AdamW betas (0.9, 0.95), weight decay 0.1 on matr
 bfloat16, remat of everything but the weight matmuls; 32B tokens (as llm.c's 1.5B run). All
 FSDP (mesh.fsdp=-1); add mesh.tensor=5 when FSDP alone leaves too little batch per device
 (mesh.tensor must divide the 25 heads).
-microbatch_per_device 2: each data-parallel device runs 2 sequences at a time, and grad_accum
-follows from the device count (batch_size / (2 x devices in the data and fsdp axes); 1 where
-there are more devices than that needs). Lower it (or set model.remat) if memory is short, raise
-it if the devices are idle; the update is the same either way. --config.grad_accum=N overrides.
+microbatch_per_device 2: sequences per device at a time; grad_accum follows from the device
+count (see common.gpt2_recipe), --config.grad_accum=N overrides.
 
 Argument: `:tokens=N` trains on about N tokens (default 32e9); total_steps follows.
 """

@@ -10,10 +10,8 @@ scratch: --config.init_from=hf:PATH (a Hugging Face folder, e.g. from
 Recipe: 0.5M tokens per step (512 x 1024), lr 3e-4 (GPT-3 paper, 350M row) with 700 warmup
 steps and cosine decay to 10%, AdamW betas (0.9, 0.95), weight decay 0.1 on matrices, clip 1.0,
 bfloat16, scanned layers with remat dots_saveable; 30B tokens (as llm.c's 350M run).
-microbatch_per_device 8: each data-parallel device runs 8 sequences at a time, and grad_accum
-follows from the device count (batch_size / (8 x devices in the data and fsdp axes); 1 where
-there are more devices than that needs). Lower it (or set model.remat) if memory is short, raise
-it if the devices are idle; the update is the same either way. --config.grad_accum=N overrides.
+microbatch_per_device 8: sequences per device at a time; grad_accum follows from the device
+count (see common.gpt2_recipe), --config.grad_accum=N overrides.
 
 Argument: `:tokens=N` trains on about N tokens (default 30e9); total_steps follows.
 """

@@ -11,10 +11,8 @@ Recipe: 0.5M tokens per step (512 x 1024), lr 2.5e-4 (GPT-3 paper, 760M row) wit
 steps and cosine decay to 10%, AdamW betas (0.9, 0.95), weight decay 0.1 on matrices, clip 1.0,
 bfloat16, remat of everything but the weight matmuls; 30B tokens. The mesh is all FSDP
 (mesh.fsdp=-1): the batch is still split over every device, and each holds 1/N of the state.
-microbatch_per_device 4: each data-parallel device runs 4 sequences at a time, and grad_accum
-follows from the device count (batch_size / (4 x devices in the data and fsdp axes); 1 where
-there are more devices than that needs). Lower it (or set model.remat) if memory is short, raise
-it if the devices are idle; the update is the same either way. --config.grad_accum=N overrides.
+microbatch_per_device 4: sequences per device at a time; grad_accum follows from the device
+count (see common.gpt2_recipe), --config.grad_accum=N overrides.
 
 Argument: `:tokens=N` trains on about N tokens (default 30e9); total_steps follows.
 """

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import importlib.util
 import os
 import re
 import sys
@@ -37,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gpt2_jax.errors import UserError
+from gpt2_jax.parallel import topology
 
 DEFAULT_PORT = 8476  # JAX's default coordinator port on TPU pods
 DEFAULT_INIT_TIMEOUT = 300.0
@@ -177,10 +177,7 @@ def _seconds(name, value, env, var, default) -> float:
 def _tpu_runtime_installed() -> bool:
     """libtpu is installed (jax[tpu]) and a TPU chip is on the PCI bus (Google's vendor id and a
     TPU device id: a GCE VM's gVNIC shares the vendor); whether this is a pod, JAX's detection decides."""
-    try:
-        if importlib.util.find_spec("libtpu") is None:
-            return False
-    except (ImportError, ValueError):
+    if not topology.libtpu_available():
         return False
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
         try:

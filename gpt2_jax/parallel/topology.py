@@ -108,9 +108,13 @@ def compile_only_host() -> None:
 
 
 def libtpu_available() -> bool:
+    """Whether libtpu (the `.[tpu]` extra) is installed."""
     import importlib.util
 
-    return importlib.util.find_spec("libtpu") is not None
+    try:
+        return importlib.util.find_spec("libtpu") is not None
+    except (ImportError, ValueError):  # a broken or half-imported install counts as none
+        return False
 
 
 def topology_devices(s: Slice) -> list:

@@ -41,9 +41,13 @@ class Estimate:
     memory_kind: str = "device memory"  # what device_memory measures, for the report
     peak: int | None = None  # the compiler's peak_memory_in_bytes (None or 0 where it has none)
     out_of_memory: str | None = None  # the compiler's RESOURCE_EXHAUSTED verdict, when it gave one
-    compiler_checked: bool = False  # the compiler placed the program in the device's memory (TPU)
     topology: str | None = None  # the TPU slice compiled for (--topology), None for this job's devices
     platform: str = ""  # the devices' platform: 'cpu', 'gpu', 'tpu'
+
+    @property
+    def compiler_checked(self) -> bool:
+        """The compiler placed the program in the device's memory (TPU's refuses what does not fit)."""
+        return self.platform == "tpu"
 
     @property
     def oom_required(self) -> int | None:
@@ -103,7 +107,7 @@ def estimate(trainer, p: Plan, batch_size: int, grad_accum: int, hbm_bytes: int 
         memory_kind=f"HBM of a {device.device_kind} chip" if hbm_bytes else _memory_kind(device),
         model_flops_per_step=flops.flops_per_token(p.model, p.block_size) * batch_size * p.block_size,
         xla_flops=xla_flops, compile_seconds=seconds, peak=peak, out_of_memory=oom,
-        compiler_checked=device.platform == "tpu", topology=topology, platform=device.platform,
+        topology=topology, platform=device.platform,
     )  # fmt: skip
 
 
